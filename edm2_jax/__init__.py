@@ -1,5 +1,11 @@
 """edm2-jax: EDM2 diffusion models in JAX/Flax, guided by degraded copies of themselves."""
+from edm2_jax import guidance
 from edm2_jax.config import PRESETS, EDM2Config, block_specs, get_preset
+from edm2_jax.guidance import Interval, Schedule, Term
 from edm2_jax.network import Network
+from edm2_jax.sampling import (heun_loop, heun_sampler, network_inputs, sample, seed_inputs, seed_keys,
+                               sigma_steps)
 
-__all__ = ['EDM2Config', 'Network', 'PRESETS', 'block_specs', 'get_preset']
+__all__ = ['EDM2Config', 'Interval', 'Network', 'PRESETS', 'Schedule', 'Term', 'block_specs', 'get_preset',
+           'guidance', 'heun_loop', 'heun_sampler', 'network_inputs', 'sample', 'seed_inputs', 'seed_keys',
+           'sigma_steps']

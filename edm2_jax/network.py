@@ -69,9 +69,9 @@ class Block(nn.Module):
         return MPConv(c, c, (1, 1), name='attn_proj')(y)
 
 
-def _double(a):
-    """[a; a] along the batch; a batch of 1 (a broadcast embedding) stays as it is."""
-    return a if a.shape[0] == 1 else jnp.concatenate([a, a])
+def _double(a, n):
+    """[a; a] along the batch for per-example arrays (batch n); a broadcast batch of 1 stays as it is."""
+    return jnp.concatenate([a, a]) if a.shape[0] == n else a
 
 
 def _dropout_uniform(config, perturbed, keys):
@@ -110,7 +110,8 @@ class UNet(nn.Module):
         skips = []
         for spec in block_specs(cfg):
             if spec.index == fork_at:
-                x, emb, skips = _double(x), _double(emb), [_double(s) for s in skips]
+                n = x.shape[0]
+                x, emb, skips = _double(x, n), _double(emb, n), [_double(s, n) for s in skips]
             if spec.takes_skip:
                 x = mp_cat(x, skips.pop(), t=cfg.concat_balance)
             if spec.kind == 'conv':
@@ -157,15 +158,16 @@ class Precond(nn.Module):
         F = UNet(cfg, name='unet')((c_in * x).astype(self.dtype), c_noise, class_labels,
                                    dropout_rate, dropout_keys, perturbed, fork_at)
         self.sow('intermediates', 'F', F)
+        n = x.shape[0]
         if fork_at is not None:
-            x, sigma, c_skip, c_out = _double(x), _double(sigma), _double(c_skip), _double(c_out)
+            x, sigma, c_skip, c_out = (_double(a, n) for a in (x, sigma, c_skip, c_out))
         D = c_skip * x + c_out * F.astype(jnp.float32)
         if not return_logvar:
             return D
         logvar = MPConv(cfg.logvar_channels, 1, name='logvar_linear')(
             MPFourier(cfg.logvar_channels, name='logvar_fourier')(c_noise))
         if fork_at is not None:
-            logvar = _double(logvar)
+            logvar = _double(logvar, n)
         return D, logvar.reshape(-1, 1, 1, 1)
 
 
@@ -286,8 +288,8 @@ class Network:
             D = _apply(self.config, self.dtype, self.variables, x, sigma, class_labels, rates, keys2,
                        perturbed, first_perturbed_index(self.config, perturbed))
         else:
-            labels2 = None if class_labels is None else _double(class_labels)
-            D = _apply(self.config, self.dtype, self.variables, _double(x), _double(sigma), labels2,
+            labels2 = None if class_labels is None else _double(class_labels, n)
+            D = _apply(self.config, self.dtype, self.variables, _double(x, n), _double(sigma, n), labels2,
                        rates, keys2, perturbed)
         return D[:n], D[n:]
 

@@ -1,5 +1,10 @@
 """Shared fixtures: the official reference data lives in ../shared/reference beside the checkout."""
+import os
 from pathlib import Path
+
+# The suite compiles many small programs: XLA's backend optimisation triples their compile time
+# (≈10 s → 3 s for the tiny network) and buys nothing at these sizes. Set before jax initialises.
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0').strip()
 
 import numpy as np
 import pytest

@@ -115,6 +115,15 @@ def test_paired_pass_with_and_without_prefix_sharing(setup):
             np.testing.assert_allclose(as_np(b), as_np(d), rtol=0, atol=1e-6)
 
 
+def test_paired_pass_on_a_batch_of_one(setup):
+    net, x, s, c, keys = setup
+    clean, pert = net.paired(x[:1], 1.3, c[:1], dropout_rate=0.2, dropout_key=keys[:1], perturb='decoder')
+    assert clean.shape == pert.shape == (1, 8, 8, 2)
+    np.testing.assert_allclose(as_np(clean), as_np(net(x[:1], 1.3, c[:1])), atol=1e-6)
+    np.testing.assert_allclose(as_np(pert), as_np(net(x[:1], 1.3, c[:1], dropout_rate=0.2, dropout_key=keys[:1],
+                                                      perturb='decoder')), atol=1e-6)
+
+
 def test_prefix_sharing_compiles_a_smaller_program(setup):
     """The shared prefix really runs once: fewer FLOPs than the plain fused pass."""
     net, x, s, c, keys = setup

@@ -1,0 +1,367 @@
+"""Guidance as composition of denoisers: D = D_main + Σ_i w_i(σ)·(D_main − D_guide_i).
+
+A denoiser is any function `denoise(x, sigma, step, keys) -> D` (x [N, ...], sigma a 0-d array, step
+the sampler's int step index, keys a typed key array [N], fresh per sample and per evaluation); the
+sampler (`sampling.py`) sees nothing else. EDM2's `guidance` g is this module's 1 + w: its
+`D_guide + g·(D_main − D_guide)` equals `D_main + (g − 1)·(D_main − D_guide)`.
+
+The first half of the module is generic (any denoisers, e.g. the 2-D toy's MLPs): σ-schedules for w
+and p, the guidance interval, and `guided`, which evaluates the guides only inside the interval
+(`lax.cond`, so the saved evaluations are real). The second half builds EDM2 denoisers from
+`Network`s: each guidance `Term` names its guide (a separate network, or the main network itself with
+dropout p or a null label), and the terms that share the main network's parameters are evaluated in
+one fused pass over the stacked batch [x; x; …] (or, with a shared prefix, via `Network.paired`).
+
+All numbers (w, p, interval bounds, schedule values) are pytree leaves, so they are traced under
+`jax.jit`; the method, the perturbed blocks and the fusion mode are static.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Denoiser = Callable[..., jax.Array]
+FUSIONS = ('prefix', 'fused', 'unfused')
+
+
+def fold_keys(keys, data):
+    """fold_in(keys[i], data) for every example: a new, independent stream per example."""
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, data)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Values that depend on σ.
+
+@flax.struct.dataclass
+class Schedule:
+    """A value as a function of σ, piecewise in log σ (the paper's "adaptive scheduling").
+
+    kind 'linear': `values[k]` at `sigmas[k]` (increasing), linear in log σ in between, constant
+    beyond the ends. kind 'constant': `sigmas` are K increasing edges and `values` K + 1 levels;
+    level k holds on (edges[k−1], edges[k]] (level 0 below edges[0], level K above edges[K−1]).
+    """
+    sigmas: jax.Array
+    values: jax.Array
+    kind: str = flax.struct.field(pytree_node=False, default='linear')
+
+    @classmethod
+    def linear(cls, sigmas, values) -> Schedule:
+        sigmas, values = _check_knots(sigmas, values, 0)
+        return cls(sigmas, values, 'linear')
+
+    @classmethod
+    def constant(cls, edges, values) -> Schedule:
+        edges, values = _check_knots(edges, values, 1)
+        return cls(edges, values, 'constant')
+
+    def __call__(self, sigma):
+        sigma = jnp.asarray(sigma)
+        if self.kind == 'linear':
+            dtype = jnp.result_type(sigma.dtype, jnp.float32)
+            return jnp.interp(jnp.log(sigma.astype(dtype)), jnp.log(self.sigmas.astype(dtype)),
+                              self.values.astype(dtype))
+        return self.values[jnp.searchsorted(self.sigmas.astype(sigma.dtype), sigma, side='left')]
+
+    def map(self, fn) -> Schedule:
+        """The same schedule with fn applied to its values (e.g. g → w = g − 1, or a dtype cast)."""
+        return self.replace(values=fn(self.values))
+
+
+def _check_knots(sigmas, values, extra):
+    s, v = np.asarray(sigmas, np.float64), np.asarray(values, np.float64)
+    if s.ndim != 1 or v.ndim != 1 or len(v) != len(s) + extra or len(s) < 1:
+        raise ValueError(f'a schedule needs 1-D σ knots and {"one more value" if extra else "as many values"}'
+                         f' than knots, got shapes {s.shape} and {v.shape}')
+    if not (np.all(s > 0) and np.all(np.diff(s) > 0)):
+        raise ValueError(f'schedule σ knots must be positive and increasing, got {s}')
+    return jnp.asarray(s), jnp.asarray(v)  # float64 where 64-bit JAX is on, else float32
+
+
+def value_at(value, sigma, dtype):
+    """A number, array or Schedule evaluated at σ, as a 0-d array of `dtype`."""
+    v = value(sigma) if isinstance(value, Schedule) else value
+    return jnp.asarray(v).astype(dtype)
+
+
+def cast_value(value, dtype):
+    """Numbers and schedule values as arrays of a fixed dtype (stable jit cache keys)."""
+    if isinstance(value, Schedule):
+        return value.map(lambda v: jnp.asarray(v, dtype))
+    return jnp.asarray(value, dtype)
+
+
+def concrete_values(value) -> np.ndarray | None:
+    """The numbers behind a value (all levels of a schedule), or None when they are traced."""
+    v = value.values if isinstance(value, Schedule) else value
+    try:
+        return np.asarray(v, np.float64)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The guidance interval.
+
+@flax.struct.dataclass
+class Interval:
+    """Where guidance applies: σ ∈ (lo, hi] of the evaluation (t̂ for the Euler evaluation, t_next for
+    the Heun correction), or, with by_step, the sampler steps lo ≤ i ≤ hi (inclusive, both
+    evaluations of a step, as in the guidance-interval paper's code)."""
+    lo: jax.Array
+    hi: jax.Array
+    by_step: bool = flax.struct.field(pytree_node=False, default=False)
+
+    @classmethod
+    def sigmas(cls, lo, hi, dtype=jnp.float32) -> Interval:
+        if _is_concrete(lo, hi) and not 0 <= float(lo) < float(hi):
+            raise ValueError(f'the guidance interval (σ_lo, σ_hi] needs 0 <= σ_lo < σ_hi, got ({lo}, {hi}]')
+        return cls(jnp.asarray(lo, dtype), jnp.asarray(hi, dtype), False)
+
+    @classmethod
+    def steps(cls, start, stop, num_steps=None) -> Interval:
+        if _is_concrete(start, stop):
+            last = math.inf if num_steps is None else num_steps - 1
+            if not 0 <= int(start) <= int(stop) <= last:
+                raise ValueError(f'the guidance step interval [start, stop] needs 0 <= start <= stop <= '
+                                 f'{last}, got [{start}, {stop}]')
+        return cls(jnp.asarray(start, jnp.int32), jnp.asarray(stop, jnp.int32), True)
+
+    def __call__(self, sigma, step):
+        if self.by_step:
+            return (step >= self.lo) & (step <= self.hi)
+        return (sigma > self.lo.astype(sigma.dtype)) & (sigma <= self.hi.astype(sigma.dtype))
+
+
+def _is_concrete(*xs):
+    return all(concrete_values(x) is not None for x in xs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Generic composition (any denoisers).
+
+def guided(main: Denoiser, evaluate_all: Callable, weights: Sequence[Any],
+           interval: Interval | None = None) -> Denoiser:
+    """D = D_main + Σ_i w_i(σ)·(D_main − D_i), with the guides evaluated only inside `interval`.
+
+    main(x, σ, step, keys) → D_main is what runs outside the interval; evaluate_all(x, σ, step, keys)
+    → (D_main, [D_1, …]) runs inside it (it may fuse the passes). weights: numbers, arrays or Schedules.
+    """
+    def combined(x, sigma, step, keys):
+        d_main, d_guides = evaluate_all(x, sigma, step, keys)
+        out = d_main
+        for w, d in zip(weights, d_guides, strict=True):
+            out = out + value_at(w, sigma, d_main.dtype) * (d_main - d)
+        return out
+
+    if interval is None:
+        return combined
+
+    def denoise(x, sigma, step, keys):
+        return jax.lax.cond(interval(sigma, step), combined, main, x, sigma, step, keys)
+    return denoise
+
+
+def separately(main: Denoiser, *guides: Denoiser) -> Callable:
+    """evaluate_all for independent denoisers: main, then guide i with its own keys fold_in(keys, i)."""
+    def evaluate_all(x, sigma, step, keys):
+        return main(x, sigma, step, keys), [g(x, sigma, step, fold_keys(keys, i))
+                                             for i, g in enumerate(guides)]
+    return evaluate_all
+
+
+def guide_with(main: Denoiser, guides: Sequence[Denoiser], weights: Sequence[Any],
+               interval: Interval | None = None) -> Denoiser:
+    """The guided denoiser of independent denoisers (e.g. the toy's main and guide MLPs)."""
+    if len(guides) != len(weights):
+        raise ValueError(f'{len(guides)} guides but {len(weights)} weights')
+    return guided(main, separately(main, *guides), weights, interval)
+
+
+# ---------------------------------------------------------------------------------------------------
+# EDM2 networks: guidance terms and their (fused) evaluation.
+
+@flax.struct.dataclass
+class Term:
+    """One guidance term w·(D_main − D_guide).
+
+    guide: a separate network, or None for the main network itself (shares its parameters).
+    dropout_rate: None (no dropout) or p (number or Schedule), applied in the blocks `perturb`
+    (None/'all', 'encoder', 'decoder', or block names) with a fresh key per sample and evaluation.
+    null_label: the guide sees the all-zero label (CFG on a conditional network).
+    """
+    weight: Any
+    dropout_rate: Any = None
+    guide: Any = None
+    null_label: bool = flax.struct.field(pytree_node=False, default=False)
+    perturb: Any = flax.struct.field(pytree_node=False, default=None)
+
+    @property
+    def shared(self) -> bool:
+        return self.guide is None
+
+
+def insitu(w, p, perturb=None) -> Term:
+    """In-situ autoguidance: the main network with dropout p as its own guide."""
+    return Term(w, p, None, False, perturb)
+
+
+def autoguidance(guide, w) -> Term:
+    """Autoguidance (Karras et al. 2024): a weaker network of the same conditioning as guide."""
+    return Term(w, None, guide)
+
+
+def cfg(w, guide=None) -> Term:
+    """Classifier-free guidance: an unconditional guide network, or the main network with the null label."""
+    return Term(w, None, guide, guide is None)
+
+
+def hybrid(guide, w, p, perturb=None) -> Term:
+    """A separate guide network with dropout p in `perturb`."""
+    return Term(w, p, guide, False, perturb)
+
+
+def method_terms(method: str, w, guide=None, dropout_rate=0.0, perturb=None) -> tuple[Term, ...]:
+    """The terms of a named method with guidance weight w (= EDM2's g − 1)."""
+    if method == 'none':
+        return ()
+    makers = {'cfg': lambda: cfg(w, guide),
+              'autoguidance': lambda: autoguidance(guide, w),
+              'insitu': lambda: insitu(w, dropout_rate, perturb),
+              'hybrid': lambda: hybrid(guide, w, dropout_rate, perturb)}
+    if method not in makers:
+        raise ValueError(f'unknown guidance method {method!r}; choose none, {", ".join(makers)} or sum')
+    return (makers[method](),)
+
+
+def prepare_terms(net, terms: Sequence[Term], dtype) -> tuple[Term, ...]:
+    """Check every term against the main network before anything is compiled; fix dtypes.
+
+    Guides must produce images of the main network's shape and use its label space (or none).
+    Weights become arrays of the sampler dtype, rates float32; perturb becomes a frozenset of names.
+    """
+    from edm2_jax.network import resolve_perturb  # local: the generic half needs no network
+    cfg_main = net.config
+    out = []
+    for i, t in enumerate(terms):
+        if not isinstance(t, Term):
+            raise TypeError(f'guidance term {i} must be a guidance.Term, got {type(t).__name__}')
+        if t.guide is not None:
+            g = t.guide.config
+            if (g.img_resolution, g.img_channels) != (cfg_main.img_resolution, cfg_main.img_channels):
+                raise ValueError(f'guide of term {i} makes {g.img_resolution}x{g.img_resolution}x'
+                                 f'{g.img_channels} images, the main network '
+                                 f'{cfg_main.img_resolution}x{cfg_main.img_resolution}x{cfg_main.img_channels}')
+            if g.label_dim not in (0, cfg_main.label_dim):
+                raise ValueError(f'guide of term {i} has label_dim {g.label_dim}; the main network has '
+                                 f'{cfg_main.label_dim} (a guide must use the same labels or none)')
+        if t.null_label and cfg_main.label_dim == 0:
+            raise ValueError('CFG with the null label needs a conditional main network (label_dim > 0); '
+                             'give an unconditional guide network instead')
+        if concrete_values(t.weight) is not None and not np.all(np.isfinite(concrete_values(t.weight))):
+            raise ValueError(f'guidance weight of term {i} must be finite')
+        rate = t.dropout_rate
+        if rate is not None:
+            values = concrete_values(rate)
+            if values is not None and not np.all((values >= 0) & (values < 1)):
+                raise ValueError(f'dropout rate p of term {i} must lie in [0, 1), got {values}')
+            rate = cast_value(rate, jnp.float32)
+        target = net if t.guide is None else t.guide
+        perturb = resolve_perturb(target.config, t.perturb) if rate is not None else None
+        out.append(Term(cast_value(t.weight, dtype), rate, t.guide, t.null_label, perturb))
+    shared_perturbs = {t.perturb for t in out if t.shared and t.dropout_rate is not None}
+    if len(shared_perturbs) > 1:
+        raise ValueError('in-situ terms on the main network must perturb the same blocks '
+                         '(they are evaluated in one fused pass)')
+    return tuple(out)
+
+
+def edm2_denoiser(net, class_labels, terms: Sequence[Term], *, interval: Interval | None = None,
+                  fusion: str = 'prefix', dtype=jnp.float32) -> Denoiser:
+    """The guided denoiser of an EDM2 `Network` (terms from `prepare_terms`).
+
+    fusion: 'prefix' — a single in-situ term runs with the main pass via `Network.paired`, whose
+    blocks before the first perturbed block run once on N examples (otherwise as 'fused'); 'fused' —
+    the main network and all terms that share its parameters in one pass over [x; x; …] (rates
+    [0…, p…], labels [c…, c or ∅…]); 'unfused' — one pass per term. Separate guide networks always
+    run their own pass. Networks compute in float32; D is cast to `dtype`.
+    """
+    if fusion not in FUSIONS:
+        raise ValueError(f'fusion must be one of {FUSIONS}, got {fusion!r}')
+    terms = tuple(terms)
+    shared = [i for i, t in enumerate(terms) if t.shared]
+    pairable = len(shared) == 1 and terms[shared[0]].dropout_rate is not None \
+        and not terms[shared[0]].null_label
+    f32 = jnp.float32
+
+    def run(network, x, sigma, labels, rate=None, keys=None, perturb=None):
+        kwargs = {} if rate is None else dict(dropout_rate=rate, dropout_key=keys, perturb=perturb)
+        return network(x.astype(f32), sigma.astype(f32), labels, **kwargs).astype(dtype)
+
+    def labels_of(network, n, null=False):
+        if network.config.label_dim == 0:
+            return None
+        if null or class_labels is None:
+            return jnp.zeros((n, network.config.label_dim), f32)
+        return class_labels
+
+    def rate_of(t, sigma):
+        return None if t.dropout_rate is None else value_at(t.dropout_rate, sigma, f32)
+
+    def main(x, sigma, step, keys):
+        return run(net, x, sigma, class_labels)
+
+    def term_pass(i, x, sigma, keys):
+        t = terms[i]
+        network = net if t.shared else t.guide
+        return run(network, x, sigma, labels_of(network, x.shape[0], t.null_label), rate_of(t, sigma),
+                   keys, t.perturb)
+
+    def paired(x, sigma, keys):
+        t = terms[shared[0]]
+        pair = net.paired(x.astype(f32), sigma.astype(f32), class_labels, dropout_rate=rate_of(t, sigma),
+                          dropout_key=keys, perturb=t.perturb, share_prefix=fusion == 'prefix')
+        return [a.astype(dtype) for a in pair]
+
+    def stacked(x, sigma, keys_of):
+        """[D_main, D_shared_1, …] from one pass over [x; x; …]."""
+        n, k = x.shape[0], 1 + len(shared)
+        labels = labels_of(net, n)
+        if labels is not None:
+            labels = jnp.concatenate([labels] + [labels_of(net, n, terms[i].null_label) for i in shared])
+        rate = keys = perturb = None
+        with_dropout = [i for i in shared if terms[i].dropout_rate is not None]
+        if with_dropout:
+            zeros = jnp.zeros((n,), f32)
+            rate = jnp.concatenate([zeros] + [zeros if terms[i].dropout_rate is None else
+                                              jnp.broadcast_to(rate_of(terms[i], sigma), (n,)) for i in shared])
+            keys = jnp.concatenate([keys_of[shared[0]]] + [keys_of[i] for i in shared])  # main rows: rate 0
+            perturb = terms[with_dropout[0]].perturb
+        out = run(net, jnp.concatenate([x] * k), sigma, labels, rate, keys, perturb)
+        return [out[j * n:(j + 1) * n] for j in range(k)]
+
+    def evaluate_all(x, sigma, step, keys):
+        keys_of = [fold_keys(keys, i) for i in range(len(terms))]  # term i's own stream
+        d = [None] * len(terms)
+        if fusion == 'unfused' or not shared:
+            d_main = main(x, sigma, step, keys)
+            for i in shared:
+                d[i] = term_pass(i, x, sigma, keys_of[i])
+        elif pairable:
+            d_main, d[shared[0]] = paired(x, sigma, keys_of[shared[0]])
+        else:
+            d_main, *rest = stacked(x, sigma, keys_of)
+            for i, di in zip(shared, rest):
+                d[i] = di
+        for i, t in enumerate(terms):
+            if not t.shared:
+                d[i] = term_pass(i, x, sigma, keys_of[i])
+        return d_main, d
+
+    if not terms:
+        return main
+    return guided(main, evaluate_all, [t.weight for t in terms], interval)

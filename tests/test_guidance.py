@@ -1,0 +1,255 @@
+"""Guidance: schedules, intervals and composition (analytic denoisers), and the EDM2 methods on a small
+random network (fused, unfused and prefix-shared in-situ passes, sums of terms, evaluation counts,
+batch-size independence, one compilation for a (w, p) sweep). The official-sampler comparisons
+(autoguidance, evaluation order) are in test_sampling.py."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from edm2_jax import EDM2Config, Network
+from edm2_jax import guidance as G
+from edm2_jax import sampling as S
+from test_sampling import TRACES, Recorded, run_recorded
+
+STEPS = 4
+SAMPLER_RTOL = 1e-4  # fused vs unfused, batch sizes: XLA CPU's conv/GEMM summation order depends on the
+#                      batch size (~1 ulp per network evaluation), which the sampler carries along
+
+
+def assert_close(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    assert np.abs(a - b).max() <= SAMPLER_RTOL * np.abs(b).max(), (np.abs(a - b).max(), np.abs(b).max())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Schedules and intervals.
+
+
+def test_schedules():
+    knots, values = [0.1, 1.0, 10.0], [0.0, 2.0, 1.0]
+    lin = G.Schedule.linear(knots, values)
+    sigmas = np.array([0.01, 0.1, 0.3, 1.0, 3.0, 10.0, 50.0])
+    expected = np.interp(np.log(sigmas), np.log(knots), values)
+    np.testing.assert_allclose([float(lin(jnp.float32(s))) for s in sigmas], expected, rtol=1e-6, atol=1e-6)
+    const = G.Schedule.constant([0.5, 2.0], [3.0, 4.0, 5.0])  # (…, 0.5] → 3, (0.5, 2] → 4, (2, …) → 5
+    got = [float(const(jnp.float32(s))) for s in [0.1, 0.5, 0.6, 2.0, 2.1, 100.0]]
+    assert got == [3, 3, 4, 4, 5, 5]
+    assert float(G.value_at(const.map(lambda v: v - 1), jnp.float32(1.0), jnp.float32)) == 3.0
+    assert float(G.value_at(0.25, jnp.float32(1.0), jnp.float32)) == 0.25
+    with pytest.raises(ValueError, match='increasing'):
+        G.Schedule.linear([1.0, 0.5], [0, 1])
+    with pytest.raises(ValueError, match='one more value'):
+        G.Schedule.constant([1.0], [0.0])
+
+
+def test_interval_membership():
+    by_sigma = G.Interval.sigmas(0.5, 2.0)
+    assert [bool(by_sigma(jnp.float32(s), 0)) for s in [0.4, 0.5, 0.51, 2.0, 2.01]] == \
+        [False, False, True, True, False]
+    by_step = G.Interval.steps(2, 3, num_steps=8)
+    assert [bool(by_step(jnp.float32(1.0), i)) for i in range(6)] == [False, False, True, True, False, False]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Composition with analytic denoisers.
+
+def scaled(a):
+    return lambda x, sigma, step, keys: a * x
+
+
+def test_guide_with_combines_terms():
+    x = jnp.arange(6.0).reshape(3, 2)
+    keys = jax.random.split(jax.random.key(0), 3)
+    denoise = G.guide_with(scaled(0.5), [scaled(0.2), scaled(0.9)], [1.5, G.Schedule.constant([1.0], [0.0, 2.0])])
+    for sigma, w2 in [(0.5, 0.0), (3.0, 2.0)]:
+        got = np.asarray(denoise(x, jnp.float32(sigma), 0, keys))
+        expected = (0.5 + 1.5 * (0.5 - 0.2) + w2 * (0.5 - 0.9)) * np.asarray(x)
+        np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def counting(name, a, log):
+    def denoise(x, sigma, step, keys):
+        jax.debug.callback(lambda s, i: log.append((name, float(s), int(i))), sigma, step, ordered=True)
+        return a * x
+    return denoise
+
+
+@pytest.mark.parametrize('by_step', [False, True])
+def test_interval_evaluates_the_guide_only_inside(by_step):
+    log = []
+    num_steps, lo, hi = 8, 0.3, 6.0
+    t = np.asarray(S.sigma_steps(num_steps, sigma_max=20.0), np.float64)
+    interval = G.Interval.steps(2, 4) if by_step else G.Interval.sigmas(lo, hi)
+    denoise = G.guide_with(counting('main', 0.6, log), [counting('guide', 0.8, log)], [1.0], interval)
+    inputs = S.seed_inputs(np.arange(2), (3,))
+    out = jax.jit(lambda n, k: S.heun_sampler(denoise, n, k, num_steps=num_steps, sigma_max=20.0))(
+        inputs.noise, inputs.keys)
+    jax.effects_barrier()
+    # evaluation e of step i sits at t_i (Euler) or t_{i+1} (correction, i < N − 1)
+    evals = [(s, i) for i in range(num_steps) for s in ([t[i], t[i + 1]] if i < num_steps - 1 else [t[i]])]
+    inside = [(2 <= i <= 4) if by_step else (lo < s <= hi) for s, i in evals]
+    assert [name for name, _, _ in log] == sum((['main', 'guide'] if g else ['main'] for g in inside), [])
+    guided_sigmas = [s for (s, i), g in zip(evals, inside) if g]
+    np.testing.assert_allclose([s for name, s, _ in log if name == 'guide'], guided_sigmas, rtol=1e-6)
+    assert 0 < len(guided_sigmas) < len(evals)
+    # and the result is the Heun loop on D = 0.4x inside the interval (guided), 0.6x outside
+    x = np.asarray(inputs.noise, np.float64) * t[0]
+    for i in range(num_steps):
+        a = [0.4 if g else 0.6 for (s, j), g in zip(evals, inside) if j == i]
+        d = x * (1 - a[0]) / t[i]
+        x_next = x + (t[i + 1] - t[i]) * d
+        if i < num_steps - 1:
+            x_next = x + (t[i + 1] - t[i]) * (d + x_next * (1 - a[1]) / t[i + 1]) / 2
+        x = x_next
+    np.testing.assert_allclose(np.asarray(out), x, rtol=1e-4, atol=1e-6)
+
+
+def test_keys_fresh_per_sample_step_and_evaluation_and_batch_independent():
+    """A denoiser whose output depends on its keys (like dropout): bit-identical for a seed at any batch
+    size, and every (sample, evaluation) gets a different key."""
+    seen = []
+
+    def noisy(x, sigma, step, keys):
+        jax.debug.callback(lambda k: seen.append(k), jax.random.key_data(keys), ordered=True)
+        eps = jax.vmap(lambda k: jax.random.normal(k, x.shape[1:]))(keys)
+        return 0.5 * x + 0.1 * sigma * eps
+
+    denoise = G.guide_with(scaled(0.5), [noisy], [0.7])
+    run = jax.jit(lambda n, k: S.heun_sampler(denoise, n, k, num_steps=5, sigma_max=5.0, S_churn=2.0))
+    seeds = np.array([3, 14, 15, 92, 65, 35, 89, 79])
+    inputs = S.seed_inputs(seeds, (2,))
+    full = run(inputs.noise, inputs.keys)
+    jax.effects_barrier()
+    keys = np.concatenate(seen).reshape(-1, 2)
+    assert len(keys) == 8 * 9 and len({tuple(k) for k in keys}) == len(keys)
+    for subset in ([5, 1, 7], [4]):
+        out = run(inputs.noise[np.array(subset)], inputs.keys[np.array(subset)])
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(full)[subset])
+
+
+# ---------------------------------------------------------------------------------------------------
+# EDM2 networks: a one-level network (compiles fast) with non-zero gains, so dropout changes D.
+
+MICRO = EDM2Config(img_resolution=8, img_channels=2, label_dim=3, model_channels=16, channel_mult=(1,),
+                   num_blocks=1, attn_resolutions=())
+
+
+def micro_network(seed):
+    """Random weights (NumPy, nothing to compile) in the layout of `Network.init`; gains non-zero."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda k: Network.init(MICRO, k).variables, jax.random.key(0))
+    variables = jax.tree.map(lambda v: jnp.asarray(rng.normal(size=v.shape) if v.ndim
+                                                   else rng.uniform(0.4, 1.3), v.dtype), shapes)
+    return Network(MICRO, variables)
+
+
+@pytest.fixture(scope='module')
+def nets():
+    return Recorded(micro_network(0), 'net'), Recorded(micro_network(1), 'gnet')
+
+
+@pytest.fixture(scope='module')
+def batch(nets):
+    return S.network_inputs(nets[0], np.arange(8))
+
+
+def insitu(net, inputs, fusion='prefix', w=1.0, p=0.2, **kwargs):
+    return S.sample(net, inputs.noise, inputs.class_labels, method='insitu', guidance=1 + w,
+                    dropout_rate=p, perturb='decoder', fusion=fusion, num_steps=STEPS, keys=inputs.keys,
+                    **kwargs)
+
+
+@pytest.fixture(scope='module')
+def insitu_runs(nets, batch):
+    net = nets[0]
+    runs = {}
+    for fusion in G.FUSIONS:
+        runs[fusion] = run_recorded(lambda: insitu(net, batch, fusion))
+    runs['none'] = run_recorded(lambda: S.sample(net, batch.noise, batch.class_labels, num_steps=STEPS))
+    return runs
+
+
+def test_insitu_fused_unfused_and_prefix_agree(insitu_runs):
+    (fused, fcalls), (unfused, ucalls), (prefix, pcalls) = (insitu_runs[f] for f in ('fused', 'unfused', 'prefix'))
+    n_evals = 2 * STEPS - 1
+    assert [(c[0], c[2]) for c in fcalls] == [('net.paired', 8)] * n_evals
+    assert [(c[0], c[2]) for c in pcalls] == [('net.paired', 8)] * n_evals
+    assert [(c[0], c[2]) for c in ucalls] == [('net', 8)] * (2 * n_evals)
+    assert_close(fused, unfused)
+    assert_close(prefix, fused)
+    assert np.abs(fused - insitu_runs['none'][0]).max() > 0.1  # the guidance does something
+
+
+def test_insitu_with_zero_weight_or_rate_is_unguided(nets, batch, insitu_runs):
+    unguided = insitu_runs['none'][0]
+    for w, p in [(0.0, 0.2), (1.0, 0.0)]:
+        # unfused: the main pass is the unguided computation, and w·0 or rate-0 dropout are exact
+        np.testing.assert_array_equal(np.asarray(insitu(nets[0], batch, 'unfused', w=w, p=p)), unguided)
+        # fused: the main half of a 2N batch differs from an N batch by float32 rounding only
+        assert_close(insitu(nets[0], batch, 'prefix', w=w, p=p), unguided)
+
+
+def test_a_seed_gives_the_same_image_at_batch_sizes_1_3_8(nets, batch, insitu_runs):
+    full = insitu_runs['prefix'][0]
+    for subset in ([5, 2, 7], [6]):  # (seed_inputs per seed: tested in test_sampling.py)
+        inputs = S.SeedInputs(*(a[np.array(subset)] for a in batch))
+        out = np.asarray(insitu(nets[0], inputs))
+        assert_close(out, full[subset])
+
+
+def test_a_wp_sweep_compiles_once(nets, batch):
+    net = nets[0]
+    first = insitu(net, batch, w=0.5, p=0.1)
+    traces = len(TRACES)
+    outs = [np.asarray(insitu(net, batch, w=w, p=p)) for w, p in [(1.5, 0.3), (2.0, 0.05)]]
+    assert len(TRACES) == traces  # nothing was traced (so nothing compiled) for the new (w, p)
+    assert np.abs(outs[0] - outs[1]).max() > 1e-2 and np.abs(np.asarray(first) - outs[0]).max() > 1e-2
+
+
+def test_interval_skips_real_network_evaluations(nets, batch):
+    net = nets[0]
+    t = np.asarray(S.sigma_steps(STEPS), np.float64)
+    evals = [s for i in range(STEPS) for s in ([t[i], t[i + 1]] if i < STEPS - 1 else [t[i]])]
+    for lo, hi in [(1.0, 20.0), (0.01, 2.0)]:
+        out, calls = run_recorded(lambda: insitu(net, batch, interval=(lo, hi)))
+        inside = [lo < s <= hi for s in evals]
+        assert [c[0] for c in calls] == ['net.paired' if g else 'net' for g in inside]
+        assert 0 < sum(inside) < len(evals)
+    traces = len(TRACES)
+    insitu(net, batch, interval=(0.5, 3.0), w=2.0, p=0.1)
+    assert len(TRACES) == traces  # interval bounds are traced too
+
+
+def test_sum_of_terms_fused_equals_unfused(nets, batch):
+    """in-situ + CFG by null label (both share the main network: one pass over [x; x; x]) + a hybrid
+    guide (a separate network with its own dropout, its own pass)."""
+    net, gnet = nets
+    terms = [G.insitu(0.5, G.Schedule.linear([0.1, 10.0], [0.05, 0.3]), 'decoder'), G.cfg(0.3),
+             G.hybrid(gnet, 0.4, 0.1, 'encoder')]
+    outs = {}
+    for fusion in ('fused', 'unfused'):
+        outs[fusion] = run_recorded(lambda: S.sample(net, batch.noise, batch.class_labels, method='sum',
+                                                     terms=terms, fusion=fusion, num_steps=STEPS,
+                                                     keys=batch.keys))
+    n_evals = 2 * STEPS - 1
+    assert [(c[0], c[2]) for c in outs['fused'][1]] == [('net', 24), ('gnet', 8)] * n_evals
+    assert [(c[0], c[2]) for c in outs['unfused'][1]] == ([('net', 8)] * 3 + [('gnet', 8)]) * n_evals
+    assert_close(outs['fused'][0], outs['unfused'][0])
+
+
+def test_guidance_errors(nets, batch):
+    net, gnet = nets
+    with pytest.raises(ValueError, match='same blocks'):
+        S.sample(net, batch.noise, batch.class_labels, method='sum', keys=batch.keys,
+                 terms=[G.insitu(1.0, 0.1, 'decoder'), G.insitu(1.0, 0.1, 'encoder')])
+    with pytest.raises(ValueError, match=r'\[0, 1\)'):
+        S.sample(net, batch.noise, batch.class_labels, method='sum', keys=batch.keys,
+                 terms=[G.hybrid(gnet, 1.0, G.Schedule.linear([1.0, 2.0], [0.1, 1.5]))])
+    with pytest.raises(ValueError, match='unknown blocks'):
+        S.sample(net, batch.noise, batch.class_labels, method='insitu', dropout_rate=0.1,
+                 perturb=['dec.99x99_block0'], keys=batch.keys)
+    with pytest.raises(ValueError, match="method='sum'"):
+        S.sample(net, batch.noise, batch.class_labels, terms=[G.cfg(1.0)])
+    with pytest.raises(ValueError, match="'insitu' guides with the main network"):
+        S.sample(net, batch.noise, batch.class_labels, method='insitu', guide=gnet, keys=batch.keys)
