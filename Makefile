@@ -15,10 +15,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 demo: setup
-	$(PY) -m experiments.toy2d --outdir=out/toy2d
+	$(PY) -m experiments.toy2d
 
 test: setup
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) toy2d_out

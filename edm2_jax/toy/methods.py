@@ -1,0 +1,119 @@
+"""Guidance methods on the toy models, expressed with `edm2_jax.guidance` and sampled with
+`edm2_jax.sampling` (toy2d-spec §3, §9).
+
+A `Method` is a list of guidance terms D = D_main + Σ_i w_i (D_main − D_guide_i); each term names its
+guide model ('main' for the main model itself, i.e. in-situ, or another model id such as 'ag', 'cfg')
+and an optional dropout rate p (number or σ-Schedule) applied to that guide's hidden activations with
+a fresh key per sample and evaluation. Numbers are traced, so a (w, p) grid compiles once per shape.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from edm2_jax import guidance as G
+from edm2_jax import sampling
+from edm2_jax.toy import fractal as mixture_lib
+from edm2_jax.toy import model as model_lib
+
+NUM_STEPS, SIGMA_MIN, SIGMA_MAX, RHO = 32, 0.002, 5.0, 7.0
+
+
+class Term(NamedTuple):
+    guide: str                 # 'main' (in-situ) or a model id
+    weight: Any                # w: number or guidance.Schedule
+    rate: Any = None           # dropout p in the guide: None, number or guidance.Schedule
+
+
+class Method(NamedTuple):
+    name: str
+    terms: tuple[Term, ...] = ()
+    interval: tuple[float, float] | None = None   # guide only for σ ∈ (lo, hi]
+
+
+class Model(NamedTuple):
+    params: Any
+    config: model_lib.ToyConfig
+
+
+def _model_denoiser(config, params, rate):
+    def denoise(x, sigma, step, keys):
+        if rate is None:
+            return model_lib.denoise(params, config, x, sigma)
+        p = G.value_at(rate, sigma, jnp.float32)
+        return model_lib.denoise(params, config, x, sigma, dropout_rate=p, dropout_keys=keys)
+    return denoise
+
+
+def _guided_denoiser(configs, params, weights, rates, interval):
+    """configs/params: main first, then one per term; rates one per term."""
+    main = _model_denoiser(configs[0], params[0], None)
+    guides = [_model_denoiser(c, p, r) for c, p, r in zip(configs[1:], params[1:], rates)]
+    if not guides:
+        return main
+    return G.guide_with(main, guides, list(weights), interval)
+
+
+@functools.partial(jax.jit, static_argnames=('configs', 'path'))
+def _run(params, noise, keys, weights, rates, interval, t_steps, *, configs, path):
+    denoise = _guided_denoiser(configs, params, weights, rates, interval)
+    return sampling.heun_loop(denoise, noise, keys, t_steps, return_trajectory=path)
+
+
+@functools.partial(jax.jit, static_argnames='path')
+def _run_exact(noise, t_steps, *, path):
+    mix = mixture_lib.mixture('A')
+    keys = jax.random.split(jax.random.key(0), noise.shape[0])  # unused: the exact ODE is deterministic
+    return sampling.heun_loop(lambda x, s, step, k: mixture_lib.denoise(mix, x, s), noise, keys, t_steps,
+                              return_trajectory=path)
+
+
+def check_method(method: Method, models: dict[str, Model]):
+    """Clear errors before any compilation."""
+    for t in method.terms:
+        if t.guide != 'main' and t.guide not in models:
+            raise ValueError(f'{method.name}: unknown guide model {t.guide!r} (have {sorted(models)})')
+        if t.guide == 'main' and t.rate is None:
+            raise ValueError(f'{method.name}: the main model as its own guide needs a dropout rate')
+        rates = G.concrete_values(t.rate) if t.rate is not None else None
+        if rates is not None and not np.all((rates >= 0) & (rates < 1)):
+            raise ValueError(f'{method.name}: dropout rate must lie in [0, 1), got {rates}')
+    if method.interval is not None and not 0 <= method.interval[0] < method.interval[1]:
+        raise ValueError(f'{method.name}: interval needs 0 <= lo < hi, got {method.interval}')
+
+
+def _inputs(method: Method, models: dict[str, Model]):
+    check_method(method, models)
+    chosen = [models['main']] + [models['main' if t.guide == 'main' else t.guide] for t in method.terms]
+    configs = tuple(m.config for m in chosen)
+    params = tuple(m.params for m in chosen)
+    weights = tuple(G.cast_value(t.weight, jnp.float32) for t in method.terms)
+    rates = tuple(None if t.rate is None else G.cast_value(t.rate, jnp.float32) for t in method.terms)
+    interval = None if method.interval is None else G.Interval.sigmas(*method.interval)
+    return configs, params, weights, rates, interval
+
+
+def time_steps(sigma_max: float = SIGMA_MAX, num_steps: int = NUM_STEPS):
+    return sampling.sigma_steps(num_steps, SIGMA_MIN, sigma_max, RHO)
+
+
+def start_points(key, n: int, sigma_max: float = SIGMA_MAX):
+    """Common start points: exact draws from p_A(·; σ_max) (as the paper's toy), and per-sample sampler
+    keys. Returned as (noise = x_0 / σ_max, keys) for `heun_loop`, which starts at noise · σ_max."""
+    kx, kk = jax.random.split(key)
+    x0 = mixture_lib.sample(mixture_lib.mixture('A'), kx, n, sigma_max)
+    return x0 / sigma_max, jax.random.split(kk, n)
+
+
+def sample(method: Method, models: dict[str, Model], noise, keys, t_steps=None, *, trajectory: bool = False):
+    """Final samples [N, 2] of `method` (the main model is models['main']; 'exact_ode' uses the exact
+    score); with trajectory=True the whole path x_0 … x_S [S+1, N, 2]."""
+    t_steps = time_steps() if t_steps is None else t_steps
+    if method.name == 'exact_ode':
+        return _run_exact(noise, t_steps, path=trajectory)
+    configs, params, weights, rates, interval = _inputs(method, models)
+    return _run(params, noise, keys, weights, rates, interval, t_steps, configs=configs, path=trajectory)

@@ -1,0 +1,398 @@
+"""The 2-D toy experiment (issue 7; toy2d-spec): trains the main model and the two guides (cached with
+orbax under --outdir), samples with every guidance method from common start points, and writes
+figure.png, metrics.json (method → metric → value, with the exact-vs-exact row 'exact') and metrics.md.
+
+  python -m experiments.toy2d                  # default demo (~10 min on 2 CPU cores)
+  python -m experiments.toy2d --quick          # tiny models, < 1 min (tests / CI)
+  python -m experiments.toy2d --sweep          # + in-situ (p, w) heat-maps (sweep.png)
+  python -m experiments.toy2d --full           # spec §9 grids, 3 training × 3 sampling seeds (hours)
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from tqdm.auto import tqdm
+
+from edm2_jax import checkpoint
+from edm2_jax import guidance as G
+from edm2_jax.toy import metrics as metrics_lib
+from edm2_jax.toy import fractal as mixture_lib
+from edm2_jax.toy import plot as plot_lib
+from edm2_jax.toy import train as train_lib
+from edm2_jax.toy.methods import Method, Model, Term
+from edm2_jax.toy import methods as methods_lib
+from edm2_jax.toy.model import ToyConfig
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('outdir', 'toy2d_out', 'Output directory (models are cached in OUTDIR/models).')
+flags.DEFINE_bool('quick', False, 'Tiny models and few samples (a test; well under 2 minutes).')
+flags.DEFINE_bool('full', False, "The spec's full grids with 3 training x 3 sampling seeds (hours).")
+flags.DEFINE_bool('sweep', False, 'Also run the in-situ (p, w) grid and draw sweep.png.')
+flags.DEFINE_bool('retrain', False, 'Train the models even if cached checkpoints exist.')
+flags.DEFINE_integer('num_samples', None, 'Samples per method (default 16384; --quick 2048).')
+flags.DEFINE_list('train_seeds', None, 'Training seeds (default 0; --full 0,1,2).')
+flags.DEFINE_list('sample_seeds', None, 'Sampling seeds (start points; default 1; --full 1,2,3).')
+flags.DEFINE_float('dropout_train_rate', 0.0, 'If > 0, also train a main model WITH dropout at this rate '
+                   "(denoiser readout) and evaluate in-situ guidance on it ('trained-dropout' rows).")
+flags.DEFINE_bool('figure', True, 'Write figure.png.')
+flags.DEFINE_bool('trajectories', None, 'Draw the zoomed trajectories in the figure (default: on, off with --quick).')
+
+
+class Setting(NamedTuple):
+    main_width: int
+    guide_width: int
+    main_steps: int
+    guide_steps: int
+    batch: int
+    num_samples: int
+    figure_grid: int
+
+
+DEFAULT = Setting(64, 32, 4096, 512, 4096, 1 << 14, 300)
+QUICK = Setting(16, 8, 256, 64, 512, 2048, 120)
+FIGURE_W = {'cfg': 3.0, 'ag': 2.0, 'insitu': 2.0}      # the paper's operating points (w = g − 1)
+INSITU_P_SCHEDULE = G.Schedule.linear([0.05, 1.0], [0.02, 0.1])  # declared before running
+
+
+# ---------------------------------------------------------------------------------------------------
+# Method lists.
+
+def cfg(w, interval=None):
+    name = f'cfg w={w:g}' if interval is None else f'cfg-interval w={w:g} ({interval[0]:g},{interval[1]:g}]'
+    return Method(name, (Term('cfg', w),), interval)
+
+
+def ag(w):
+    return Method(f'autoguidance w={w:g}', (Term('ag', w),))
+
+
+def insitu(p, w, main='main'):
+    prefix = 'in-situ' if main == 'main' else 'trained-dropout in-situ'
+    return Method(f'{prefix} p={p:g} w={w:g}', (Term('main', w, p),))
+
+
+def hybrid(guide, p, w):
+    return Method(f'hybrid-{guide} p={p:g} w={w:g}', (Term(guide, w, p),))
+
+
+def two_term(guide, wc, wd, p):
+    return Method(f'{guide}+in-situ wc={wc:g} wd={wd:g} p={p:g}', (Term(guide, wc), Term('main', wd, p)))
+
+
+def insitu_schedule(w):
+    return Method(f'in-situ-sched w={w:g} p=0.02..0.1', (Term('main', w, INSITU_P_SCHEDULE),))
+
+
+def default_methods():
+    """Each method's figure operating point plus a small grid (one training seed)."""
+    return ([Method('none'), cfg(1.0), cfg(3.0), cfg(3.0, (0.28, 2.9)), ag(1.0), ag(2.0)]
+            + [insitu(p, w) for p in (0.02, 0.05, 0.1) for w in (1.0, 2.0)]
+            + [hybrid('ag', 0.05, 2.0), two_term('ag', 1.0, 1.0, 0.05), insitu_schedule(2.0)])
+
+
+def quick_methods():
+    return [Method('none'), cfg(3.0), ag(2.0), insitu(0.05, 2.0), insitu(0.1, 2.0)]
+
+
+def full_methods():
+    """Spec §9 grids."""
+    ws = (0.25, 0.5, 1.0, 2.0, 3.0)
+    out = [Method('none')] + [cfg(w) for w in ws] + [ag(w) for w in ws]
+    out += [cfg(w, iv) for w in (1.0, 2.0, 3.0) for iv in ((0.0, 1.0), (0.05, 1.0), (0.28, 2.9))]
+    out += [insitu(p, w) for p in (0.01, 0.02, 0.05, 0.1) for w in (0.25, 0.5, 1.0, 2.0)]
+    for guide in ('cfg', 'ag'):
+        for p in (0.02, 0.05):
+            out += [two_term(guide, wc, wd, p) for wc in (0.25, 0.5, 1.0) for wd in (0.25, 0.5, 1.0)]
+            out += [hybrid(guide, p, w) for w in (1.0, 2.0)]
+    out += [insitu_schedule(w) for w in (1.0, 2.0)]
+    return out
+
+
+SWEEP_P = (0.01, 0.02, 0.05, 0.1, 0.2)
+SWEEP_W = (0.25, 0.5, 1.0, 2.0, 3.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models (trained once, cached).
+
+def model_specs(s: Setting, dropout_rate: float) -> dict[str, train_lib.TrainSpec]:
+    specs = {
+        'main': train_lib.TrainSpec('A', ToyConfig(s.main_width), s.main_steps, s.batch),
+        'ag': train_lib.TrainSpec('A', ToyConfig(s.guide_width), s.guide_steps, s.batch),
+        'cfg': train_lib.TrainSpec('AB', ToyConfig(s.guide_width), s.guide_steps, s.batch),
+    }
+    if dropout_rate > 0:
+        specs['drop'] = train_lib.TrainSpec('A', ToyConfig(s.main_width, readout='denoiser'), s.main_steps,
+                                            s.batch, dropout_rate=dropout_rate)
+    return specs
+
+
+def _spec_meta(spec: train_lib.TrainSpec, seed: int) -> dict:
+    d = spec._asdict()
+    d['config'] = spec.config._asdict()
+    return {'format': 'edm2-jax-toy2d', 'seed': seed, 'spec': d}
+
+
+def _to_tree(params):
+    return {'gain': params['gain'], 'weights': {str(i): w for i, w in enumerate(params['weights'])}}
+
+
+def _from_tree(tree):
+    ws = tree['weights']
+    return {'gain': jnp.asarray(tree['gain']), 'weights': tuple(jnp.asarray(ws[str(i)]) for i in range(len(ws)))}
+
+
+def get_model(outdir: Path, name: str, spec: train_lib.TrainSpec, seed: int, retrain: bool) -> tuple[Model, float]:
+    """Loads OUTDIR/models/NAME-seedS if its stored spec matches, else trains and saves it.
+    Returns the model and the training wall time (0 when loaded)."""
+    path = outdir / 'models' / f'{name}-seed{seed}'
+    meta = _spec_meta(spec, seed)
+    if path.exists() and not retrain:
+        try:
+            tree, stored = checkpoint.load_variables(path)
+            if stored == json.loads(json.dumps(meta)):
+                return Model(_from_tree(tree), spec.config), 0.0
+            logging.info('%s: cached model has different settings; retraining', path)
+        except (FileNotFoundError, ValueError) as e:
+            logging.warning('%s: cannot load (%s); retraining', path, e)
+    t0 = time.time()
+    key = jax.random.fold_in(jax.random.key(seed), sum(map(ord, name)))
+    params, _ = train_lib.train(spec, key, desc=f'train {name} (seed {seed})')
+    jax.block_until_ready(params)
+    elapsed = time.time() - t0
+    checkpoint.save_variables(path, _to_tree(params), meta, overwrite=True)
+    return Model(params, spec.config), elapsed
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation.
+
+def evaluate_methods(methods, models, noise, keys, reference, tau, key, desc, keep=None):
+    """Metrics per method; the samples are also stored in `keep` (name → samples) if given."""
+    out = {}
+    for m in tqdm(methods, desc=desc, mininterval=1.0):
+        x = methods_lib.sample(m, models, noise, keys)
+        out[m.name] = metrics_lib.evaluate(x, reference, tau=tau, key=key)
+        if keep is not None:
+            keep[m.name] = x
+    return out
+
+
+def zoom_start_points(key, n_candidates=4096, spacing=0.045, sigma=0.03):
+    """Exact draws from p_A(·; 0.03) inside the zoom view, thinned greedily to a minimum spacing."""
+    (cx, cy), h = plot_lib.ZOOM
+    x = np.asarray(mixture_lib.sample(mixture_lib.mixture('A'), key, n_candidates, sigma))
+    x = x[(np.abs(x[:, 0] - cx) < h) & (np.abs(x[:, 1] - cy) < h)]
+    kept = []
+    for p in x:
+        if all(np.hypot(*(p - q)) >= spacing for q in kept):
+            kept.append(p)
+    return np.asarray(kept, np.float32).reshape(-1, 2)
+
+
+def dropout_sanity(models, key, rates):
+    """Held-out per-σ loss with dropout off, one pass, and the mean of 32 passes (spec §9 item 4)."""
+    rows = {}
+    for name, rate in rates.items():
+        m = models[name]
+        classes = 'A'
+        for sigma in (0.02, 0.1, 0.5):
+            k = jax.random.fold_in(key, int(sigma * 1000))
+            rows[f'{name} p={rate:g} σ={sigma:g}'] = {
+                'off': train_lib.heldout_loss(m.params, m.config, classes, sigma, k),
+                'one_pass': train_lib.heldout_loss(m.params, m.config, classes, sigma, k, dropout_rate=rate),
+                'mean_32': train_lib.heldout_loss(m.params, m.config, classes, sigma, k, dropout_rate=rate,
+                                                  passes=32)}
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# Output.
+
+def _atomic_write(path: Path, text: str):
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
+    with os.fdopen(fd, 'w') as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def aggregate(runs: list[dict]) -> tuple[dict, dict]:
+    """Mean and std over runs of method → metric → value."""
+    mean, std = {}, {}
+    for method in runs[0]:
+        mean[method], std[method] = {}, {}
+        for metric in runs[0][method]:
+            v = np.array([r[method][metric] for r in runs], np.float64)
+            mean[method][metric] = float(v.mean())
+            std[method][metric] = float(v.std())
+    return mean, std
+
+
+def _fmt(v):
+    return f'{v:.3g}' if abs(v) < 100 else f'{v:.0f}'
+
+
+def markdown_table(mean, std, n_runs):
+    cols = metrics_lib.METRICS
+    lines = ['| method | ' + ' | '.join(cols) + ' |', '| --- ' * (len(cols) + 1) + '|']
+    for method, vals in mean.items():
+        cells = [_fmt(vals[c]) + (f' ± {_fmt(std[method][c])}' if n_runs > 1 else '') for c in cols]
+        lines.append(f'| {method} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+MAX_ESCAPE_FOR_KL = 0.01   # the k-NN entropy term rewards samples thrown far away: ignore such rows
+
+
+def summary(mean):
+    """Scalars per method family: min KL clip (over settings with escape rate ≤ 1 %, since the
+    clipped-log-p KL estimate turns meaningless when samples are thrown far away), and min branch TV
+    among settings whose outlier rate is at most ¾ of the unguided one."""
+    limit = 0.75 * mean['none']['outlier']
+    fams = {}
+    for method, vals in mean.items():
+        if method in ('exact', 'exact_ode'):
+            continue
+        fams.setdefault(method.split(' ')[0], []).append((method, vals))
+    lines = [f'| family | min KL clip, escape ≤ {MAX_ESCAPE_FOR_KL:g} (at) | min branch TV with outlier ≤ '
+             f'{limit:.3g} (at) | min outlier rate (at) |', '| --- | --- | --- | --- |']
+
+    def best(items, metric):
+        if not items:
+            return '— (none qualifies)'
+        m, v = min(items, key=lambda t: t[1][metric])
+        return f'{v[metric]:.3g} ({m})'
+    for fam, items in fams.items():
+        kl_ok = [t for t in items if t[1]['escape'] <= MAX_ESCAPE_FOR_KL]
+        tv_ok = [t for t in items if t[1]['outlier'] <= limit]
+        lines.append(f'| {fam} | {best(kl_ok, "kl_clip")} | {best(tv_ok, "branch_tv")} | {best(items, "outlier")} |')
+    return '\n'.join(lines)
+
+
+def write_outputs(outdir: Path, mean, std, n_runs, info: dict, sanity: dict):
+    _atomic_write(outdir / 'metrics.json', json.dumps(mean, indent=1) + '\n')
+    if n_runs > 1:
+        _atomic_write(outdir / 'metrics_std.json', json.dumps(std, indent=1) + '\n')
+    _atomic_write(outdir / 'run.json', json.dumps({**info, 'dropout_sanity': sanity}, indent=1) + '\n')
+    md = [f'# Toy 2-D guidance comparison', '',
+          f'{info["num_samples"]} samples per method; {n_runs} run(s) (training seeds {info["train_seeds"]} × '
+          f'sampling seeds {info["sample_seeds"]}){" — mean ± std" if n_runs > 1 else ""}. '
+          f'Outlier threshold τ = {info["tau"]:.3f} (1 % quantile of log p_A of exact samples). '
+          f'Row `exact`: a second exact sample set (noise floor); `exact_ode`: the sampler with the exact score.',
+          '', markdown_table(mean, std, n_runs), '', '## Per family (pre-declared scalars)', '', summary(mean)]
+    if sanity:
+        md += ['', '## Dropout sanity: held-out loss (σ² · score MSE)', '',
+               '| model / σ | dropout off | one pass | mean of 32 passes |', '| --- | --- | --- | --- |']
+        md += [f'| {k} | {v["off"]:.4g} | {v["one_pass"]:.4g} | {v["mean_32"]:.4g} |' for k, v in sanity.items()]
+    md += ['', f'Wall time: {info["wall_time_s"]:.0f} s ({info["machine"]}).', '']
+    _atomic_write(outdir / 'metrics.md', '\n'.join(md))
+
+
+def pick_insitu(mean, w):
+    """The figure's in-situ point: among in-situ rows at weight w with escape rate ≤ 1 %, the lowest KL
+    clip (if none qualifies: the lowest outlier rate)."""
+    rows = [m for m in mean if m.startswith('in-situ p=') and m.endswith(f' w={w:g}')]
+    ok = [m for m in rows if mean[m]['escape'] <= MAX_ESCAPE_FOR_KL]
+    if ok:
+        return min(ok, key=lambda m: mean[m]['kl_clip'])
+    return min(rows, key=lambda m: mean[m]['outlier'])
+
+
+def main(argv):
+    del argv
+    if FLAGS.quick and FLAGS.full:
+        raise app.UsageError('--quick and --full are exclusive')
+    if not 0.0 <= FLAGS.dropout_train_rate < 1.0:
+        raise app.UsageError('--dropout_train_rate must lie in [0, 1)')
+    setting = QUICK if FLAGS.quick else DEFAULT
+    n = FLAGS.num_samples or setting.num_samples
+    if n < 64:
+        raise app.UsageError('--num_samples must be >= 64')
+    try:
+        train_seeds = [int(s) for s in (FLAGS.train_seeds or (['0', '1', '2'] if FLAGS.full else ['0']))]
+        sample_seeds = [int(s) for s in (FLAGS.sample_seeds or (['1', '2', '3'] if FLAGS.full else ['1']))]
+    except ValueError as e:
+        raise app.UsageError(f'--train_seeds / --sample_seeds must be comma-separated integers ({e})')
+    methods = quick_methods() if FLAGS.quick else full_methods() if FLAGS.full else default_methods()
+    if FLAGS.sweep:
+        have = {m.name for m in methods}
+        methods += [m for m in (insitu(p, w) for p in SWEEP_P for w in SWEEP_W) if m.name not in have]
+    if FLAGS.dropout_train_rate > 0:
+        methods += [Method('trained-dropout none', ())] + [
+            Method(f'trained-dropout in-situ p={FLAGS.dropout_train_rate:g} w={w:g}',
+                   (Term('main', w, FLAGS.dropout_train_rate),)) for w in (1.0, 2.0)]
+    outdir = Path(FLAGS.outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    tau = metrics_lib.outlier_threshold(jax.random.key(12345))
+    specs = model_specs(setting, FLAGS.dropout_train_rate)
+    runs, train_time, sanity, fig_data = [], {}, {}, None
+    for ts in train_seeds:
+        models = {}
+        for name, spec in specs.items():
+            models[name], train_time[f'{name}-seed{ts}'] = get_model(outdir, name, spec, ts, FLAGS.retrain)
+        if ts == train_seeds[0]:
+            rates = {'main': 0.05} | ({'drop': FLAGS.dropout_train_rate} if 'drop' in models else {})
+            sanity = dropout_sanity(models, jax.random.key(777), rates)
+        for ss in sample_seeds:
+            key = jax.random.key(ss)
+            noise, keys = methods_lib.start_points(jax.random.fold_in(key, 0), n)
+            reference = mixture_lib.sample(mixture_lib.mixture('A'), jax.random.fold_in(key, 1), n)
+            exact = mixture_lib.sample(mixture_lib.mixture('A'), jax.random.fold_in(key, 2), n)
+            mkey = jax.random.fold_in(key, 3)
+            res = {'exact': metrics_lib.evaluate(exact, reference, tau=tau, key=mkey)}
+            runs.append(res)
+            plain = [m for m in methods if not m.name.startswith('trained-dropout')]
+            keep = {} if fig_data is None else None
+            res |= evaluate_methods([Method('exact_ode')] + plain, models, noise, keys, reference, tau, mkey,
+                                    f'sample+metrics (train seed {ts}, sample seed {ss})', keep)
+            if 'drop' in models:
+                dm = dict(models, main=models['drop'])
+                res |= evaluate_methods([m for m in methods if m.name.startswith('trained-dropout')], dm, noise,
+                                        keys, reference, tau, mkey, 'trained-dropout model')
+            if fig_data is None:
+                fig_data = (models, keep)
+    mean, std = aggregate(runs)
+    t_eval = time.time()
+    if FLAGS.figure:
+        models, samples = fig_data
+        best = pick_insitu(mean, FIGURE_W['insitu'])
+        panel_methods = [('Ground truth (exact-score ODE)', Method('exact_ode')), ('No guidance', Method('none')),
+                         (f'CFG w={FIGURE_W["cfg"]:g}', cfg(FIGURE_W['cfg'])),
+                         (f'Autoguidance w={FIGURE_W["ag"]:g}', ag(FIGURE_W['ag'])),
+                         (best.replace('in-situ', 'In-situ'), next(m for m in methods if m.name == best))]
+        zoom = jnp.asarray(zoom_start_points(jax.random.key(4)))
+        t_zoom = methods_lib.time_steps(sigma_max=0.03)
+        zkeys = jax.random.split(jax.random.key(5), zoom.shape[0])
+        trajectories = not FLAGS.quick if FLAGS.trajectories is None else FLAGS.trajectories
+        panels = []
+        for title, m in tqdm(panel_methods, desc='figure'):
+            x = samples[m.name]
+            traj = (methods_lib.sample(m, models, zoom / t_zoom[0], zkeys, t_zoom, trajectory=True)
+                    if trajectories else None)
+            panels.append((title, x, traj))
+        plot_lib.overview_figure(outdir / 'figure.png', panels, grid=setting.figure_grid)
+    if FLAGS.sweep:
+        values = {k: np.array([[mean[f'in-situ p={p:g} w={w:g}'][k] for w in SWEEP_W] for p in SWEEP_P])
+                  for k in ('outlier', 'escape', 'branch_tv', 'leaf_recall', 'mmd_02')}
+        plot_lib.sweep_figure(outdir / 'sweep.png', SWEEP_P, SWEEP_W, values, mean['none'])
+    info = {'setting': setting._asdict(), 'num_samples': n, 'train_seeds': train_seeds,
+            'sample_seeds': sample_seeds, 'tau': tau, 'train_time_s': train_time,
+            'wall_time_s': time.time() - t_start, 'train_total_s': sum(train_time.values()),
+            'figure_s': time.time() - t_eval, 'machine': f'{os.cpu_count()}-core CPU, {jax.default_backend()}'}
+    write_outputs(outdir, mean, std, len(runs), info, sanity)
+    logging.info('wrote %s (%.0f s)', outdir, info['wall_time_s'])
+    print((outdir / 'metrics.md').read_text())
+
+
+if __name__ == '__main__':
+    app.run(main)

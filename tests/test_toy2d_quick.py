@@ -1,0 +1,82 @@
+"""End to end: `python -m experiments.toy2d --quick` writes the figure and a sane metrics table."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from edm2_jax.toy import metrics as metrics_lib
+from edm2_jax.toy import train as train_lib
+from edm2_jax.toy.model import ToyConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='module')
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp('toy2d')
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    proc = subprocess.run([sys.executable, '-m', 'experiments.toy2d', '--quick', f'--outdir={out}'], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+def test_outputs_written(quick_run):
+    for name in ('figure.png', 'metrics.json', 'metrics.md', 'run.json'):
+        assert (quick_run / name).stat().st_size > 0
+    assert sorted(p.name for p in (quick_run / 'models').iterdir()) == ['ag-seed0', 'cfg-seed0', 'main-seed0']
+
+
+def test_table_shape(quick_run):
+    table = json.loads((quick_run / 'metrics.json').read_text())
+    expected = {'exact', 'exact_ode', 'none', 'cfg w=3', 'autoguidance w=2', 'in-situ p=0.05 w=2',
+                'in-situ p=0.1 w=2'}
+    assert set(table) == expected
+    for method, row in table.items():
+        assert tuple(row) == metrics_lib.METRICS, method
+        assert all(math.isfinite(v) for v in row.values()), method
+    md = (quick_run / 'metrics.md').read_text()
+    for method in expected:
+        assert f'| {method} |' in md
+
+
+def test_metric_sanity(quick_run):
+    t = json.loads((quick_run / 'metrics.json').read_text())
+    ex, ode, none, cfg = t['exact'], t['exact_ode'], t['none'], t['cfg w=3']
+    # exact vs exact: at the noise floor
+    assert ex['outlier'] < 0.03 and ex['escape'] == 0.0 and ex['wrong_class'] < 0.015
+    assert abs(ex['logp_median'] - 1.45) < 0.1 and abs(ex['kl_clip']) < 0.35
+    assert ex['precision'] > 0.9 and ex['recall'] > 0.9 and ex['leaf_recall_25'] > 0.8
+    assert abs(ex['mmd_02']) < 5e-4 and abs(ex['mmd_10']) < 5e-4
+    # the exact-score ODE reproduces exact samples
+    assert abs(ode['logp_median'] - ex['logp_median']) < 0.1 and ode['outlier'] < 0.03
+    assert ode['branch_tv'] < ex['branch_tv'] + 0.04
+    # the tiny unguided model is worse than exact; CFG collapses coverage relative to it
+    assert none['branch_tv'] > ode['branch_tv'] and none['kl_clip'] > ode['kl_clip']
+    assert cfg['branch_tv'] > none['branch_tv'] and cfg['leaf_recall'] < none['leaf_recall']
+    assert cfg['wrong_class'] <= none['wrong_class']
+
+
+def test_run_info(quick_run):
+    info = json.loads((quick_run / 'run.json').read_text())
+    assert abs(info['tau'] - (-1.84)) < 0.06
+    assert info['num_samples'] == 2048 and info['wall_time_s'] > 0
+    assert set(info['dropout_sanity']) == {f'main p=0.05 σ={s:g}' for s in (0.02, 0.1, 0.5)}
+
+
+def test_model_cache(tmp_path):
+    from experiments import toy2d
+    spec = train_lib.TrainSpec('A', ToyConfig(4), steps=3, batch=16)
+    m1, t1 = toy2d.get_model(tmp_path, 'main', spec, 0, retrain=False)
+    m2, t2 = toy2d.get_model(tmp_path, 'main', spec, 0, retrain=False)
+    assert t1 > 0 and t2 == 0.0
+    for a, b in zip(jax.tree.leaves(m1.params), jax.tree.leaves(m2.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    _, t3 = toy2d.get_model(tmp_path, 'main', spec._replace(steps=4), 0, retrain=False)  # settings changed
+    assert t3 > 0
