@@ -1,0 +1,412 @@
+"""What guidance costs at sampling time: every method timed in one run on random-weight EDM2 networks.
+
+    python -m experiments.benchmark --preset=img512-xs --batch=4 --steps=4 --out=out/bench.json
+    python -m experiments.benchmark --quick          # tiny custom network, two methods (seconds)
+
+For each method (`--methods`): compile time (trace + lowering + XLA compile of the sampler, from JAX's
+compile events), seconds per image and per sampler step (median, min and max over `--repeats` timed
+calls after a warm-up, each ended by block_until_ready), the process CPU seconds per call, network
+evaluations per image (NFE), FLOPs per network evaluation and per image (XLA cost analysis), the
+achieved FLOP/s, the ratio to 'none', peak device memory (null where the backend reports none, e.g.
+CPU) and the number of compilations of the sampler over a sweep of two (w, p) values (1 = no
+recompilation).
+
+NFE are counted, not assumed: a separate run samples with networks that call `jax.debug.callback`
+on every forward, and adds up the images each forward processes. One evaluation = one image through
+one network once; a fused or prefix-shared pair counts 2 (its saving shows in FLOPs and time, not in
+NFE). Unguided Heun sampling with S steps makes 2S − 1 evaluations; a guide adds one per guided
+evaluation, so in-situ guidance at every evaluation makes 2(2S − 1) and a guidance interval less.
+`--count=inline` counts in the timed runs instead (saves a compile per method on slow CPUs; the
+per-pass host callback is negligible there but not on accelerators).
+
+Networks have random standard-normal weights (cost does not depend on the values); they are built
+from the initialiser's shapes without compiling it.
+
+Methods: none, cfg, autoguidance, insitu-fused, insitu-unfused, insitu-prefix (dropout everywhere,
+prefix shared), insitu-decoder-prefix, insitu-decoder-fused, and any of them but none with the suffix
+`-interval` (guidance only for σ in `--interval`). The autoguidance guide is a random network of the
+main configuration with `--guide_channels` channels (default: half the main width).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from edm2_jax import EDM2Config, Network, get_preset, guidance as G, network_inputs, sample
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('preset', '', 'EDM2 preset (e.g. img512-xs); empty: the custom network of the flags below')
+flags.DEFINE_integer('resolution', 8, 'custom network: image resolution')
+flags.DEFINE_integer('img_channels', 4, 'custom network: image channels')
+flags.DEFINE_integer('channels', 16, 'custom network: model_channels')
+flags.DEFINE_list('channel_mult', ['1', '2'], 'custom network: channel multipliers per level')
+flags.DEFINE_integer('num_blocks', 1, 'custom network: blocks per level')
+flags.DEFINE_list('attn_resolutions', ['4'], 'custom network: resolutions with attention')
+flags.DEFINE_integer('label_dim', 10, 'custom network: number of classes (0: unconditional)')
+flags.DEFINE_integer('guide_channels', 0, 'model_channels of the autoguidance guide (0: half the main width)')
+flags.DEFINE_integer('batch', 2, 'images per sampler call')
+flags.DEFINE_integer('steps', 4, 'Heun steps')
+flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'dtype of the networks\' image path')
+flags.DEFINE_list('methods', ['none', 'insitu-fused', 'insitu-unfused', 'insitu-decoder-prefix',
+                              'autoguidance', 'cfg', 'insitu-fused-interval'], 'methods to measure')
+flags.DEFINE_integer('devices', 1, 'devices to shard the batch over (data parallel)')
+flags.DEFINE_integer('repeats', 3, 'timed calls per method after the warm-up')
+flags.DEFINE_list('guidance', ['2.0', '2.5'], 'the two guidance values g of the (w, p) sweep (w = g - 1)')
+flags.DEFINE_list('dropout', ['0.1', '0.2'], 'the two dropout rates p of the (w, p) sweep')
+flags.DEFINE_list('interval', ['0.28', '5.42'], 'σ interval (lo, hi] of the -interval methods')
+flags.DEFINE_string('out', '', 'JSON file to write (atomically)')
+flags.DEFINE_enum('count', 'separate', ['separate', 'inline'],
+                  'NFE counting: a separate run with counting networks (exact timings, one more compile per '
+                  'method), or inline in the timed runs (one host callback per network pass; saves the '
+                  'compile, negligible on CPU, not on accelerators)')
+flags.DEFINE_bool('quick', False, 'tiny run: custom network, batch 2, 2 steps, 1 repeat, none + insitu-fused')
+
+BASE_METHODS = {
+    'none': dict(method='none'),
+    'cfg': dict(method='cfg', fusion='fused'),  # the main network with the null label, one pass
+    'autoguidance': dict(method='autoguidance'),
+    'insitu-fused': dict(method='insitu', fusion='fused', perturb='all'),
+    'insitu-unfused': dict(method='insitu', fusion='unfused', perturb='all'),
+    'insitu-prefix': dict(method='insitu', fusion='prefix', perturb='all'),
+    'insitu-decoder-prefix': dict(method='insitu', fusion='prefix', perturb='decoder'),
+    'insitu-decoder-fused': dict(method='insitu', fusion='fused', perturb='decoder'),
+}
+SAMPLER_FUN = '_sample'  # name of the sampler's jitted function in edm2_jax.sampling (compile events)
+
+
+def method_spec(name: str) -> tuple[dict, bool]:
+    """(sample() keyword arguments without the numbers, uses the interval) of a method name."""
+    base, interval = (name[:-len('-interval')], True) if name.endswith('-interval') else (name, False)
+    if base not in BASE_METHODS or (interval and base == 'none'):
+        raise ValueError(f'unknown method {name!r}; choose from {", ".join(BASE_METHODS)} '
+                         f'(each but none also with the suffix -interval)')
+    return dict(BASE_METHODS[base]), interval
+
+
+# ---------------------------------------------------------------------------------------------------
+# Compile events and NFE counting.
+
+class CompileLog:
+    """JAX compile events (trace, lowering, XLA compile) with their function names and durations."""
+
+    def __init__(self):
+        self.events = []
+        jax.monitoring.register_event_duration_secs_listener(self._record)
+
+    def _record(self, event, duration, **kwargs):
+        if event.startswith('/jax/core/compile/'):
+            self.events.append((event.rsplit('/', 1)[-1], str(kwargs.get('fun_name', '')), duration))
+
+    def mark(self) -> int:
+        return len(self.events)
+
+    def since(self, mark: int, fun: str = SAMPLER_FUN) -> tuple[int, float, int]:
+        """(XLA compiles of `fun`, seconds spent tracing + lowering + compiling it, all XLA compiles)."""
+        new = self.events[mark:]
+        mine = [(e, d) for e, f, d in new if f in (fun, f'jit_{fun}', f'jit({fun})')]
+        compiles = sum(e == 'backend_compile_duration' for e, _ in mine)
+        return compiles, sum(d for _, d in mine), sum(e == 'backend_compile_duration' for e, _, _ in new)
+
+
+class Counter:
+    """Images processed per network role, added up at run time by debug callbacks."""
+
+    def __init__(self):
+        self.lock, self.rows = threading.Lock(), {}
+
+    def add(self, role, rows):
+        with self.lock:
+            self.rows[role] = self.rows.get(role, 0) + rows
+
+    def reset(self):
+        with self.lock:
+            self.rows = {}
+
+
+COUNTER = Counter()
+
+
+@flax.struct.dataclass
+class CountedNetwork(Network):
+    """A Network that reports every forward (images in the pass) to COUNTER, at run time."""
+    role: str = flax.struct.field(pytree_node=False, default='main')
+
+    def __call__(self, x, *args, **kwargs):
+        jax.debug.callback(functools.partial(COUNTER.add, self.role, x.shape[0]))
+        return super().__call__(x, *args, **kwargs)
+
+    def paired(self, x, *args, **kwargs):
+        jax.debug.callback(functools.partial(COUNTER.add, self.role, 2 * x.shape[0]))
+        return super().paired(x, *args, **kwargs)
+
+    def stacked(self, x, *args, copies, **kwargs):
+        jax.debug.callback(functools.partial(COUNTER.add, self.role, copies * x.shape[0]))
+        return super().stacked(x, *args, copies=copies, **kwargs)
+
+
+def counted(net: Network | None, role: str):
+    if net is None:
+        return None
+    return CountedNetwork(**{f.name: getattr(net, f.name) for f in dataclasses.fields(net)}, role=role)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configuration and inputs.
+
+def network_config() -> EDM2Config:
+    if FLAGS.preset:
+        return get_preset(FLAGS.preset)
+    ints = lambda xs: tuple(int(v) for v in xs)  # noqa: E731
+    return EDM2Config(img_resolution=FLAGS.resolution, img_channels=FLAGS.img_channels,
+                      label_dim=FLAGS.label_dim, model_channels=FLAGS.channels,
+                      channel_mult=ints(FLAGS.channel_mult), num_blocks=FLAGS.num_blocks,
+                      attn_resolutions=ints(FLAGS.attn_resolutions))
+
+
+def pair_values(values, name) -> tuple[float, float]:
+    if len(values) != 2:
+        raise ValueError(f'--{name} needs exactly two values (the sweep), got {values}')
+    return float(values[0]), float(values[1])
+
+
+def machine() -> dict:
+    dev = jax.devices()
+    return {'host': platform.node(), 'platform': platform.platform(), 'processor': platform.processor(),
+            'cpu_count': os.cpu_count(), 'load_avg_1m_at_start': round(os.getloadavg()[0], 2),
+            'backend': jax.default_backend(), 'devices': [d.device_kind for d in dev],
+            'jax': jax.__version__}
+
+
+def random_network(config, seed, dtype) -> Network:
+    """A Network of `config` with standard normal variables (the cost does not depend on the values),
+    made without compiling the initialiser (minutes on a shared CPU for the large presets)."""
+    abstract = jax.eval_shape(lambda key: Network.init(config, key, dtype=dtype), jax.random.key(seed))
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape, np.float32).astype(a.dtype)),
+                        abstract)
+
+
+def place(tree, mesh, spec):
+    return tree if mesh is None else jax.device_put(tree, NamedSharding(mesh, spec))
+
+
+# ---------------------------------------------------------------------------------------------------
+# FLOPs from XLA's cost analysis.
+
+def flops(compiled) -> float | None:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else None
+    value = None if not analysis else analysis.get('flops')
+    return None if value is None or value < 0 else float(value)
+
+
+_FORWARD_FLOPS = {}
+
+
+def forward_flops(net, x, sigma, labels) -> float | None:
+    """FLOPs of one unguided forward over the batch x (computed once per network and shape)."""
+    key = (id(net), x.shape, x.dtype)
+    if key not in _FORWARD_FLOPS:
+        fn = jax.jit(lambda net, x, sigma, labels: net(x, sigma, labels))
+        _FORWARD_FLOPS[key] = flops(fn.lower(net, x, sigma, labels).compile())
+    return _FORWARD_FLOPS[key]
+
+
+def guided_flops(net, x, sigma, labels, keys, terms, fusion) -> float | None:
+    """FLOPs of one guided evaluation (the main pass and every guide pass, as the sampler runs them)."""
+    def evaluate(net, terms, x, sigma, labels, keys):
+        return G.edm2_denoiser(net, labels, terms, fusion=fusion)(x, sigma, jnp.int32(0), keys)
+    return flops(jax.jit(evaluate).lower(net, terms, x, sigma, labels, keys).compile())
+
+
+# ---------------------------------------------------------------------------------------------------
+# One method.
+
+def measure(name, net, guide, inputs, steps, repeats, values, interval, log, inline_count=False):
+    spec, uses_interval = method_spec(name)
+    batch = inputs.noise.shape[0]
+    (g1, g2), (p1, p2) = values
+
+    def kwargs(g, p, main, guide_net):
+        kw = dict(spec, num_steps=steps, keys=inputs.keys)
+        if spec['method'] != 'none':
+            kw['guidance'] = g
+        if spec['method'] == 'insitu':
+            kw['dropout_rate'] = p
+        if spec['method'] == 'autoguidance':
+            kw['guide'] = guide_net
+        if uses_interval:
+            kw['interval'] = interval
+        return main, kw
+
+    if inline_count:
+        net, guide = counted(net, 'main'), counted(guide, 'guide')
+
+    def run(g, p, main=net, guide_net=guide):
+        main, kw = kwargs(g, p, main, guide_net)
+        return sample(main, inputs.noise, inputs.class_labels, **kw).block_until_ready()
+
+    # Warm-up: the (w, p) sweep. The first call compiles; the second must not.
+    mark = log.mark()
+    start = time.perf_counter()
+    run(g1, p1)
+    first_call_s = time.perf_counter() - start
+    run(g2, p2)
+    compiles, compile_s, all_compiles = log.since(mark)
+
+    times, cpu_times = [], []
+    COUNTER.reset()
+    for _ in range(repeats):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        run(g1, p1)
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+    stats = jax.devices()[0].memory_stats()
+    peak = None if not stats else stats.get('peak_bytes_in_use')
+
+    calls = repeats
+    if not inline_count:  # a separate run with counting networks, not part of the numbers above
+        COUNTER.reset()
+        run(g1, p1, counted(net, 'main'), counted(guide, 'guide'))
+        calls = 1
+    jax.effects_barrier()
+    rows = {k: v / calls for k, v in COUNTER.rows.items()}
+    nfe = sum(rows.values()) / batch
+    main_evals = 2 * steps - 1  # denoiser calls of the Heun loop; each runs the main network once
+    guided_evals = nfe - main_evals  # one guide pass per guided evaluation (single-term methods)
+
+    # FLOPs per image: unguided evaluations at the forward's cost, guided ones at the guided cost.
+    sigma = jnp.ones((), jnp.float32)
+    f_eval = forward_flops(net, inputs.noise, sigma, inputs.class_labels)
+    if spec['method'] == 'none':
+        f_guided = f_eval
+    else:
+        term = G.method_terms(spec['method'], g1 - 1, guide if spec['method'] == 'autoguidance' else None,
+                              p1 if spec['method'] == 'insitu' else 0.0, spec.get('perturb'))
+        terms = G.prepare_terms(net, term, jnp.float32)
+        f_guided = guided_flops(net, inputs.noise, sigma, inputs.class_labels, inputs.keys, terms,
+                                spec.get('fusion', 'prefix'))
+    flops_per_image = None
+    if f_eval is not None and f_guided is not None:
+        flops_per_image = ((main_evals - guided_evals) * f_eval + guided_evals * f_guided) / batch
+    sec = statistics.median(times) / batch
+    return {
+        'method': name, 'sec_per_image': sec, 'sec_per_image_min': min(times) / batch,
+        'sec_per_image_max': max(times) / batch, 'sec_per_step': statistics.median(times) / steps,
+        'cpu_s_per_call': statistics.median(cpu_times), 'ratio_to_none': None,
+        'nfe_per_image': nfe, 'nfe_by_network': {k: v / batch for k, v in rows.items()},
+        'guided_evals_per_image': guided_evals,
+        'flops_per_eval': None if f_eval is None else f_eval / batch,
+        'flops_per_guided_eval': None if f_guided is None else f_guided / batch,
+        'flops_per_image': flops_per_image,
+        'flop_per_s': None if flops_per_image is None else flops_per_image / sec,
+        'compile_s': compile_s, 'first_call_s': first_call_s, 'compiles': compiles,
+        'all_xla_compiles': all_compiles, 'peak_bytes': peak,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Output.
+
+def table(results) -> str:
+    head = ('method', 'compiles', 'compile_s', 's/img', 's/img min-max', 's/step', 'ratio', 'NFE/img',
+            'GFLOP/eval', 'GFLOP/img', 'GFLOP/s', 'cpu_s/call', 'peak_MB')
+
+    def g(v, scale=1.0, fmt='{:.3g}'):
+        return '-' if v is None else fmt.format(v / scale)
+    rows = [head] + [(
+        r['method'], str(r['compiles']), f"{r['compile_s']:.1f}", g(r['sec_per_image']),
+        f"{r['sec_per_image_min']:.3g}-{r['sec_per_image_max']:.3g}", g(r['sec_per_step']),
+        g(r['ratio_to_none'], fmt='{:.2f}'), g(r['nfe_per_image'], fmt='{:g}'), g(r['flops_per_eval'], 1e9),
+        g(r['flops_per_image'], 1e9), g(r['flop_per_s'], 1e9), g(r['cpu_s_per_call']),
+        g(r['peak_bytes'], 2**20, '{:.0f}')) for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ['  '.join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    return '\n'.join([lines[0], '  '.join('-' * w for w in widths)] + lines[1:])
+
+
+def write_json(path, data):
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix='.tmp')
+    with os.fdopen(fd, 'w') as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv):
+    del argv
+    if FLAGS.quick:  # defaults of a tiny run; flags given explicitly still win
+        for flag, value in (('preset', ''), ('batch', 2), ('steps', 2), ('repeats', 1),
+                            ('methods', ['none', 'insitu-fused'])):
+            if not FLAGS[flag].present:
+                FLAGS[flag].value = value
+    # Everything that can be wrong is checked before anything is compiled.
+    for name in FLAGS.methods:
+        method_spec(name)
+    values = pair_values(FLAGS.guidance, 'guidance'), pair_values(FLAGS.dropout, 'dropout')
+    interval = pair_values(FLAGS.interval, 'interval')
+    config = network_config()
+    if any(method_spec(m)[0]['method'] == 'cfg' for m in FLAGS.methods) and not config.label_dim:
+        raise ValueError('cfg needs a conditional network (label_dim > 0)')
+    if FLAGS.batch < 1 or FLAGS.steps < 1 or FLAGS.repeats < 1:
+        raise ValueError('--batch, --steps and --repeats must be >= 1')
+    if FLAGS.devices < 1 or FLAGS.devices > jax.device_count():
+        raise ValueError(f'--devices={FLAGS.devices}, but {jax.device_count()} device(s) are available (on '
+                         'CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N)')
+    if FLAGS.batch % FLAGS.devices:
+        raise ValueError(f'--batch={FLAGS.batch} must be divisible by --devices={FLAGS.devices}')
+
+    log = CompileLog()
+    mesh = jax.make_mesh((FLAGS.devices,), ('data',), devices=jax.devices()[:FLAGS.devices]) \
+        if FLAGS.devices > 1 else None
+    dtype = jnp.dtype(FLAGS.dtype)
+    net = place(random_network(config, 0, dtype), mesh, P())
+    guide = None
+    if any(method_spec(m)[0]['method'] == 'autoguidance' for m in FLAGS.methods):
+        guide_config = config.replace(model_channels=FLAGS.guide_channels or max(1, config.model_channels // 2))
+        guide = place(random_network(guide_config, 1, dtype), mesh, P())
+    inputs = network_inputs(net, np.arange(FLAGS.batch))
+    inputs = type(inputs)(*(None if a is None else place(a, mesh, P('data')) for a in inputs))
+
+    results = []
+    for name in FLAGS.methods:
+        results.append(measure(name, net, guide, inputs, FLAGS.steps, FLAGS.repeats, values, interval, log,
+                               FLAGS.count == 'inline'))
+        print(f'{name}: {results[-1]["sec_per_image"]:.4g} s/image', flush=True)
+    base = next((r['sec_per_image'] for r in results if r['method'] == 'none'), None)
+    for r in results:
+        r['ratio_to_none'] = None if base is None else r['sec_per_image'] / base
+
+    report = {
+        'machine': machine(),
+        'config': {'network': config.to_dict(), 'preset': FLAGS.preset or None, 'batch': FLAGS.batch,
+                   'steps': FLAGS.steps, 'dtype': FLAGS.dtype, 'devices': FLAGS.devices,
+                   'repeats': FLAGS.repeats, 'nfe_count': FLAGS.count, 'guidance': list(values[0]), 'dropout': list(values[1]),
+                   'interval': list(interval), 'guide_channels': None if guide is None else
+                   guide.config.model_channels, 'xla_flags': os.environ.get('XLA_FLAGS', '')},
+        'results': results,
+    }
+    print(table(results))
+    if FLAGS.out:
+        write_json(FLAGS.out, report)
+        print(f'wrote {FLAGS.out}')
+
+
+if __name__ == '__main__':
+    app.run(main)

@@ -1,0 +1,71 @@
+"""The benchmark script runs end to end on a tiny network and writes a JSON report whose counts are right.
+
+Expected values come from the sampler's definition, not from the script: Heun with S steps evaluates the
+denoiser 2S − 1 times (S − 1 corrected steps plus the last Euler step); in-situ guidance at every
+evaluation adds one guide pass per evaluation; a (w, p) sweep of a jitted sampler with traced w, p
+compiles once.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 2
+TINY = ['--resolution=8', '--img_channels=2', '--channels=8', '--channel_mult=1', '--num_blocks=1',
+        '--attn_resolutions=', '--label_dim=3', '--batch=2', f'--steps={STEPS}', '--repeats=1']
+
+
+def run_benchmark(tmp_path, *args):
+    env = dict(os.environ, JAX_PLATFORMS='cpu')
+    return subprocess.run([sys.executable, '-m', 'experiments.benchmark', *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope='module')
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp('bench') / 'bench.json'
+    proc = run_benchmark(out.parent, '--quick', *TINY, '--methods=none,insitu-fused', f'--out={out}')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_schema(report):
+    data, stdout = report
+    assert set(data) >= {'machine', 'config', 'results'}
+    assert data['config']['steps'] == STEPS and data['config']['batch'] == 2
+    assert [r['method'] for r in data['results']] == ['none', 'insitu-fused']
+    for r in data['results']:
+        for key in ('method', 'sec_per_image', 'ratio_to_none', 'nfe_per_image', 'flops_per_eval',
+                    'compile_s', 'compiles'):
+            assert key in r, key
+        assert r['sec_per_image'] > 0 and r['compile_s'] > 0 and r['flops_per_eval'] > 0
+        assert r['sec_per_image_min'] <= r['sec_per_image'] <= r['sec_per_image_max']
+        assert r['peak_bytes'] is None or r['peak_bytes'] > 0
+        assert r['method'] in stdout  # the table
+    assert data['results'][0]['ratio_to_none'] == 1.0
+
+
+def test_counted_evaluations(report):
+    none, fused = report[0]['results']
+    assert none['nfe_per_image'] == 2 * STEPS - 1
+    assert none['nfe_by_network'] == {'main': 2 * STEPS - 1}
+    assert fused['nfe_per_image'] == 2 * (2 * STEPS - 1)
+    # One fused guided evaluation runs the network on twice the rows: about twice the FLOPs.
+    assert 1.8 < fused['flops_per_guided_eval'] / none['flops_per_eval'] < 2.5
+    # Per image: 2S − 1 evaluations, all unguided for 'none', all guided for in-situ.
+    assert none['flops_per_image'] == pytest.approx((2 * STEPS - 1) * none['flops_per_eval'])
+    assert fused['flops_per_image'] == pytest.approx((2 * STEPS - 1) * fused['flops_per_guided_eval'])
+
+
+def test_sweep_compiles_once(report):
+    for r in report[0]['results']:
+        assert r['compiles'] == 1, r
+
+
+def test_bad_method_fails_before_compiling(tmp_path):
+    proc = run_benchmark(tmp_path, *TINY, '--methods=none,insitu-bogus')
+    assert proc.returncode != 0 and 'unknown method' in proc.stderr
