@@ -9,8 +9,9 @@ The first half of the module is generic (any denoisers, e.g. the 2-D toy's MLPs)
 and p, the guidance interval, and `guided`, which evaluates the guides only inside the interval
 (`lax.cond`, so the saved evaluations are real). The second half builds EDM2 denoisers from
 `Network`s: each guidance `Term` names its guide (a separate network, or the main network itself with
-dropout p or a null label), and the terms that share the main network's parameters are evaluated in
-one fused pass over the stacked batch [x; x; …] (or, with a shared prefix, via `Network.paired`).
+dropout p, a null label or any `perturb.Perturbation`), its own interval and rule (linear or `APG`),
+and the terms that share the main network's parameters are evaluated in one fused pass over the
+stacked batch [x; x; …] (with a shared prefix via `Network.paired` / `Network.stacked`).
 
 All numbers (w, p, interval bounds, schedule values) are pytree leaves, so they are traced under
 `jax.jit`; the method, the perturbed blocks and the fusion mode are static.
@@ -144,26 +145,87 @@ def _is_concrete(*xs):
 # ---------------------------------------------------------------------------------------------------
 # Generic composition (any denoisers).
 
+@flax.struct.dataclass
+class APG:
+    """Adaptive Projected Guidance (Sadat et al. 2025) for one term's update Δ = D_main − D_guide.
+
+    Per example (over all pixels and channels): with momentum β the update becomes the running
+    average Δ + β·Δ_prev (state carried across the sampler's evaluations, both Heun evaluations of a
+    step count); with threshold r > 0 it is rescaled to norm ≤ r; then it is split into its parts
+    parallel and orthogonal to D_main and the parallel part is scaled by η. The term adds w·Δ'.
+    η = 1, r = 0 (no rescale), β = 0 is the linear rule. All three are traced.
+    """
+    eta: Any = 0.0
+    threshold: Any = 0.0
+    momentum: Any = 0.0
+
+    def __call__(self, delta, d_main, running):
+        axes = tuple(range(1, delta.ndim))
+        dt = delta.dtype
+        running = delta + jnp.asarray(self.momentum, dt) * running
+        delta = running
+        r = jnp.asarray(self.threshold, dt)
+        norm = jnp.sqrt(jnp.sum(jnp.square(delta), axis=axes, keepdims=True))
+        scale = jnp.where(r > 0, jnp.minimum(1, r / jnp.maximum(norm, jnp.finfo(dt).tiny)), 1)
+        delta = delta * scale
+        unit = d_main / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(d_main), axis=axes, keepdims=True)),
+                                    jnp.finfo(dt).tiny)
+        parallel = jnp.sum(delta * unit, axis=axes, keepdims=True) * unit
+        return (delta - parallel) + jnp.asarray(self.eta, dt) * parallel, running
+
+
 def guided(main: Denoiser, evaluate_all: Callable, weights: Sequence[Any],
-           interval: Interval | None = None) -> Denoiser:
-    """D = D_main + Σ_i w_i(σ)·(D_main − D_i), with the guides evaluated only inside `interval`.
+           interval: Interval | None = None, *, intervals: Sequence[Any] | None = None,
+           rules: Sequence[Any] | None = None) -> Denoiser:
+    """D = D_main + Σ_i w_i(σ)·rule_i(D_main − D_i), with the guides evaluated only inside `interval`.
 
     main(x, σ, step, keys) → D_main is what runs outside the interval; evaluate_all(x, σ, step, keys)
     → (D_main, [D_1, …]) runs inside it (it may fuse the passes). weights: numbers, arrays or Schedules.
+    intervals: per term, None or an `Interval` outside which that term contributes nothing (its guide
+    still runs when fused with others). rules: per term, None (linear) or an `APG`; with any APG the
+    denoiser is stateful: it carries `init_state(x)` and is called as denoise(x, σ, step, keys,
+    state) → (D, state) (`heun_loop` does this).
     """
-    def combined(x, sigma, step, keys):
+    k = len(weights)
+    intervals = tuple(intervals or (None,) * k)
+    rules = tuple(rules or (None,) * k)
+    stateful = any(r is not None for r in rules)
+
+    def combined(x, sigma, step, keys, state=None):
         d_main, d_guides = evaluate_all(x, sigma, step, keys)
-        out = d_main
-        for w, d in zip(weights, d_guides, strict=True):
-            out = out + value_at(w, sigma, d_main.dtype) * (d_main - d)
-        return out
+        out, new_state = d_main, []
+        for i, (w, d) in enumerate(zip(weights, d_guides, strict=True)):
+            delta = d_main - d
+            if rules[i] is not None:
+                delta, running = rules[i](delta, d_main, state[i])
+            term = value_at(w, sigma, d_main.dtype) * delta
+            if intervals[i] is not None:
+                active = intervals[i](sigma, step)
+                term = jnp.where(active, term, jnp.zeros_like(term))
+                if rules[i] is not None:
+                    running = jnp.where(active, running, state[i])
+            out = out + term
+            new_state.append(running if rules[i] is not None else state[i] if stateful else None)
+        return (out, tuple(new_state)) if stateful else out
 
-    if interval is None:
-        return combined
+    if not stateful:
+        if interval is None:
+            return combined
 
-    def denoise(x, sigma, step, keys):
-        return jax.lax.cond(interval(sigma, step), combined, main, x, sigma, step, keys)
-    return denoise
+        def denoise(x, sigma, step, keys):
+            return jax.lax.cond(interval(sigma, step), combined, main, x, sigma, step, keys)
+        return denoise
+
+    def denoise_with_state(x, sigma, step, keys, state):
+        if interval is None:
+            return combined(x, sigma, step, keys, state)
+        return jax.lax.cond(interval(sigma, step), combined, lambda *a: (main(*a[:4]), a[4]),
+                            x, sigma, step, keys, state)
+
+    def init_state(x):
+        return tuple(jnp.zeros_like(x) for _ in range(k))
+    denoise_with_state.init_state = init_state
+    return denoise_with_state
 
 
 def separately(main: Denoiser, *guides: Denoiser) -> Callable:
@@ -193,12 +255,17 @@ class Term:
     dropout_rate: None (no dropout) or p (number or Schedule), applied in the blocks `perturb`
     (None/'all', 'encoder', 'decoder', or block names) with a fresh key per sample and evaluation.
     null_label: the guide sees the all-zero label (CFG on a conditional network).
+    perturbation: None or `perturb.Perturbation`(s) applied to the guide (strength: number, array or
+    Schedule of σ). interval: None or an `Interval` for this term alone. rule: None (linear) or `APG`.
     """
     weight: Any
     dropout_rate: Any = None
     guide: Any = None
     null_label: bool = flax.struct.field(pytree_node=False, default=False)
     perturb: Any = flax.struct.field(pytree_node=False, default=None)
+    perturbation: Any = None
+    interval: Any = None
+    rule: Any = None
 
     @property
     def shared(self) -> bool:
@@ -225,6 +292,47 @@ def hybrid(guide, w, p, perturb=None) -> Term:
     return Term(w, p, guide, False, perturb)
 
 
+def perturbed(w, perturbation, guide=None, interval=None, rule=None) -> Term:
+    """A guide that is the main network (or `guide`) under `perturbation` (see `edm2_jax.perturb`)."""
+    return Term(w, None, guide, False, None, perturbation, interval, rule)
+
+
+def pag(w, where=None) -> Term:
+    """Perturbed-Attention Guidance (Ahn et al. 2024): identity attention maps in `where`."""
+    from edm2_jax import perturb as P
+    return perturbed(w, P.attention_identity(where))
+
+
+def slg(w, where) -> Term:
+    """Skip-layer guidance (SLG / STG-R): the blocks `where` pass only their skip path."""
+    from edm2_jax import perturb as P
+    return perturbed(w, P.skip(where))
+
+
+def seg(w, blur_sigma, where=None) -> Term:
+    """Smoothed Energy Guidance (Hong 2024): queries blurred with std blur_sigma pixels."""
+    from edm2_jax import perturb as P
+    return perturbed(w, P.attention_blur(blur_sigma, where))
+
+
+def tpg(w, where=None) -> Term:
+    """Token Perturbation Guidance: the inputs of the blocks `where` have their positions shuffled."""
+    from edm2_jax import perturb as P
+    return perturbed(w, P.token_shuffle(where))
+
+
+def swg(w, size=None, stride=None) -> Term:
+    """Sliding-window guidance (M-SWG, Adaloglou et al. 2025): the guide sees only overlapping crops."""
+    from edm2_jax import perturb as P
+    return perturbed(w, P.window(size, stride))
+
+
+def sigma_shift(w, delta) -> Term:
+    """Self-guidance at a noisier level: the guide is the main network at σ·(1 + delta)."""
+    from edm2_jax import perturb as P
+    return perturbed(w, P.sigma_shift(delta))
+
+
 def method_terms(method: str, w, guide=None, dropout_rate=0.0, perturb=None) -> tuple[Term, ...]:
     """The terms of a named method with guidance weight w (= EDM2's g − 1)."""
     if method == 'none':
@@ -234,7 +342,8 @@ def method_terms(method: str, w, guide=None, dropout_rate=0.0, perturb=None) -> 
               'insitu': lambda: insitu(w, dropout_rate, perturb),
               'hybrid': lambda: hybrid(guide, w, dropout_rate, perturb)}
     if method not in makers:
-        raise ValueError(f'unknown guidance method {method!r}; choose none, {", ".join(makers)} or sum')
+        raise ValueError(f'unknown guidance method {method!r}; choose none, {", ".join(makers)}, '
+                         'pag, slg, seg, tpg, sigma-shift, swg or sum')
     return (makers[method](),)
 
 
@@ -244,7 +353,8 @@ def prepare_terms(net, terms: Sequence[Term], dtype) -> tuple[Term, ...]:
     Guides must produce images of the main network's shape and use its label space (or none).
     Weights become arrays of the sampler dtype, rates float32; perturb becomes a frozenset of names.
     """
-    from edm2_jax.network import resolve_perturb  # local: the generic half needs no network
+    from edm2_jax import perturb as P  # local: the generic half needs no network
+    from edm2_jax.network import resolve_perturb
     cfg_main = net.config
     out = []
     for i, t in enumerate(terms):
@@ -272,7 +382,17 @@ def prepare_terms(net, terms: Sequence[Term], dtype) -> tuple[Term, ...]:
             rate = cast_value(rate, jnp.float32)
         target = net if t.guide is None else t.guide
         perturb = resolve_perturb(target.config, t.perturb) if rate is not None else None
-        out.append(Term(cast_value(t.weight, dtype), rate, t.guide, t.null_label, perturb))
+        perturbations = tuple(p.replace(strength=cast_value(p.strength, jnp.float32)) for p in
+                              P.resolve(target.config, t.perturbation))
+        for p in perturbations:
+            P.check_values(p.kind, concrete_values(p.strength))
+        if t.rule is not None and not isinstance(t.rule, APG):
+            raise TypeError(f'rule of term {i} must be None (linear) or guidance.APG')
+        if t.interval is not None and not isinstance(t.interval, Interval):
+            raise TypeError(f'interval of term {i} must be a guidance.Interval')
+        out.append(Term(cast_value(t.weight, dtype), rate, t.guide, t.null_label, perturb,
+                        perturbations or None, t.interval,
+                        None if t.rule is None else jax.tree.map(lambda v: jnp.asarray(v, dtype), t.rule)))
     shared_perturbs = {t.perturb for t in out if t.shared and t.dropout_rate is not None}
     if len(shared_perturbs) > 1:
         raise ValueError('in-situ terms on the main network must perturb the same blocks '
@@ -280,27 +400,41 @@ def prepare_terms(net, terms: Sequence[Term], dtype) -> tuple[Term, ...]:
     return tuple(out)
 
 
+def _windowed(t) -> bool:
+    return any(p.kind == 'window' for p in t.perturbation or ())
+
+
 def edm2_denoiser(net, class_labels, terms: Sequence[Term], *, interval: Interval | None = None,
                   fusion: str = 'prefix', dtype=jnp.float32) -> Denoiser:
     """The guided denoiser of an EDM2 `Network` (terms from `prepare_terms`).
 
-    fusion: 'prefix' — a single in-situ term runs with the main pass via `Network.paired`, whose
-    blocks before the first perturbed block run once on N examples (otherwise as 'fused'); 'fused' —
-    the main network and all terms that share its parameters in one pass over [x; x; …] (rates
-    [0…, p…], labels [c…, c or ∅…]); 'unfused' — one pass per term. Separate guide networks always
-    run their own pass. Networks compute in float32; D is cast to `dtype`.
+    fusion: 'prefix' — a single in-situ term runs with the main pass via `Network.paired`, several
+    guides on the main network via `Network.stacked`; the modules before the first perturbed one run
+    once on N examples (not when a term uses the null label or sigma_shift: then as 'fused');
+    'fused' — the main network and all terms that share its parameters in one pass over [x; x; …]
+    (rates [0…, p…], each term's perturbation strengths on its own rows, labels [c…, c or ∅…]);
+    'unfused' — one pass per term. Separate guide networks and window guides (another batch shape)
+    always run their own pass. Networks compute in float32; D is cast to `dtype`.
     """
     if fusion not in FUSIONS:
         raise ValueError(f'fusion must be one of {FUSIONS}, got {fusion!r}')
     terms = tuple(terms)
-    shared = [i for i, t in enumerate(terms) if t.shared]
+    shared = [i for i, t in enumerate(terms) if t.shared and not _windowed(t)]  # fused with the main pass
     pairable = len(shared) == 1 and terms[shared[0]].dropout_rate is not None \
-        and not terms[shared[0]].null_label
+        and not terms[shared[0]].null_label and terms[shared[0]].perturbation is None
+    labels_shared = not any(terms[i].null_label for i in shared)
     f32 = jnp.float32
 
-    def run(network, x, sigma, labels, rate=None, keys=None, perturb=None):
+    def run(network, x, sigma, labels, rate=None, keys=None, perturb=None, perturbation=None):
         kwargs = {} if rate is None else dict(dropout_rate=rate, dropout_key=keys, perturb=perturb)
+        if perturbation:
+            kwargs['perturbation'] = perturbation
+            kwargs['dropout_key'] = keys
         return network(x.astype(f32), sigma.astype(f32), labels, **kwargs).astype(dtype)
+
+    def perturbations_at(t, sigma):
+        """The term's perturbations with strengths evaluated at σ."""
+        return tuple(p.replace(strength=value_at(p.strength, sigma, f32)) for p in t.perturbation or ())
 
     def labels_of(network, n, null=False):
         if network.config.label_dim == 0:
@@ -319,7 +453,7 @@ def edm2_denoiser(net, class_labels, terms: Sequence[Term], *, interval: Interva
         t = terms[i]
         network = net if t.shared else t.guide
         return run(network, x, sigma, labels_of(network, x.shape[0], t.null_label), rate_of(t, sigma),
-                   keys, t.perturb)
+                   keys, t.perturb, perturbations_at(t, sigma))
 
     def paired(x, sigma, keys):
         t = terms[shared[0]]
@@ -333,15 +467,25 @@ def edm2_denoiser(net, class_labels, terms: Sequence[Term], *, interval: Interva
         labels = labels_of(net, n)
         if labels is not None:
             labels = jnp.concatenate([labels] + [labels_of(net, n, terms[i].null_label) for i in shared])
-        rate = keys = perturb = None
+        rate = perturb = None
+        keys = jnp.concatenate([keys_of[shared[0]]] + [keys_of[i] for i in shared])  # main rows: unused
         with_dropout = [i for i in shared if terms[i].dropout_rate is not None]
         if with_dropout:
             zeros = jnp.zeros((n,), f32)
             rate = jnp.concatenate([zeros] + [zeros if terms[i].dropout_rate is None else
                                               jnp.broadcast_to(rate_of(terms[i], sigma), (n,)) for i in shared])
-            keys = jnp.concatenate([keys_of[shared[0]]] + [keys_of[i] for i in shared])  # main rows: rate 0
             perturb = terms[with_dropout[0]].perturb
-        out = run(net, jnp.concatenate([x] * k), sigma, labels, rate, keys, perturb)
+        perturbation = []  # each term's perturbations act on its own rows only (strength 0 elsewhere)
+        for j, i in enumerate(shared):
+            for p in perturbations_at(terms[i], sigma):
+                rows = jnp.zeros((k, n), f32).at[1 + j].set(jnp.broadcast_to(p.strength, (n,)))
+                perturbation.append(p.replace(strength=rows.reshape(-1)))
+        if fusion == 'prefix' and labels_shared:  # one call; the unperturbed prefix runs on N rows
+            out = net.stacked(x.astype(f32), sigma.astype(f32), labels_of(net, n), copies=k,
+                              dropout_rate=rate, dropout_key=keys, perturb=perturb,
+                              perturbation=perturbation).astype(dtype)
+        else:
+            out = run(net, jnp.concatenate([x] * k), sigma, labels, rate, keys, perturb, perturbation)
         return [out[j * n:(j + 1) * n] for j in range(k)]
 
     def evaluate_all(x, sigma, step, keys):
@@ -357,11 +501,12 @@ def edm2_denoiser(net, class_labels, terms: Sequence[Term], *, interval: Interva
             d_main, *rest = stacked(x, sigma, keys_of)
             for i, di in zip(shared, rest):
                 d[i] = di
-        for i, t in enumerate(terms):
-            if not t.shared:
+        for i in range(len(terms)):
+            if i not in shared:  # separate guide networks and window guides: their own pass each
                 d[i] = term_pass(i, x, sigma, keys_of[i])
         return d_main, d
 
     if not terms:
         return main
-    return guided(main, evaluate_all, [t.weight for t in terms], interval)
+    return guided(main, evaluate_all, [t.weight for t in terms], interval,
+                  intervals=[t.interval for t in terms], rules=[t.rule for t in terms])

@@ -135,13 +135,16 @@ def heun_loop(denoise, noise, keys, t_steps, churn: Churn | None = None, *,
     One `fori_loop` over the 2N − 1 evaluations, each iteration one denoiser call (even: Euler,
     odd: correction), so the denoiser is traced and compiled once. Returns x_N, or with
     return_trajectory the states x_0 … x_N stacked as [N+1, *x.shape].
+    A stateful denoiser (one with an `init_state(x)` attribute, e.g. APG momentum) is called as
+    denoise(x, σ, step, keys, state) → (D, state), its state carried through the evaluations in order.
     """
     num_steps = t_steps.shape[0] - 1
     dtype = t_steps.dtype
     x0 = noise.astype(dtype) * t_steps[0]
+    init_state = getattr(denoise, 'init_state', None)
 
     def body(j, carry):
-        x, x_hat, t_hat, d_cur, path = carry
+        x, x_hat, t_hat, d_cur, path, state = carry
         i, stage = j // 2, j % 2
         euler = stage == EULER
         t_cur, t_next = t_steps[i], t_steps[i + 1]
@@ -154,17 +157,22 @@ def heun_loop(denoise, noise, keys, t_steps, churn: Churn | None = None, *,
         t_hat = jnp.where(euler, new_t_hat, t_hat)
         x_eval = jnp.where(euler, x_hat, x)
         t_eval = jnp.where(euler, t_hat, t_next)
-        D = denoise(x_eval, t_eval, i, G.fold_keys(step_keys, stage)).astype(dtype)
+        if init_state is None:
+            D = denoise(x_eval, t_eval, i, G.fold_keys(step_keys, stage))
+        else:
+            D, state = denoise(x_eval, t_eval, i, G.fold_keys(step_keys, stage), state)
+        D = D.astype(dtype)
         d = (x_eval - D) / t_eval
         d_cur = jnp.where(euler, d, d_cur)
         x = x_hat + (t_next - t_hat) * jnp.where(euler, d, 0.5 * d_cur + 0.5 * d)
         if path is not None:  # the correction overwrites the Euler estimate of x_{i+1}
             path = path.at[i + 1].set(x)
-        return x, x_hat, t_hat, d_cur, path
+        return x, x_hat, t_hat, d_cur, path, state
 
     path = jnp.zeros((num_steps + 1,) + x0.shape, dtype).at[0].set(x0) if return_trajectory else None
-    init = (x0, x0, t_steps[0], jnp.zeros_like(x0), path)
-    x, *_, path = jax.lax.fori_loop(0, 2 * num_steps - 1, body, init)
+    state = None if init_state is None else init_state(x0)
+    init = (x0, x0, t_steps[0], jnp.zeros_like(x0), path, state)
+    x, *_, path, _ = jax.lax.fori_loop(0, 2 * num_steps - 1, body, init)
     return path if return_trajectory else x
 
 
@@ -195,13 +203,21 @@ def sample(net, noise, class_labels=None, *, method: str = 'none', guide=None, g
            dropout_rate=0.0, perturb=None, terms: Sequence[G.Term] | None = None, interval=None,
            interval_steps=None, fusion: str = 'prefix', num_steps: int = 32, sigma_min: float = 0.002,
            sigma_max: float = 80.0, rho: float = 7.0, S_churn=0.0, S_min=0.0, S_max=float('inf'),
-           S_noise=1.0, keys=None, dtype=jnp.float32) -> jax.Array:
+           S_noise=1.0, keys=None, dtype=jnp.float32, strength=None, rule=None,
+           window=None) -> jax.Array:
     """Images [N, R, R, C] from noise [N, R, R, C] (unit variance, NHWC) with EDM2's Heun sampler.
 
     method: 'none'; 'cfg' (guide = an unconditional network, or None for the main network with the
     null label); 'autoguidance' (guide = a weaker conditional network); 'insitu' (the main network
     with dropout `dropout_rate` in the blocks `perturb` as its own guide); 'hybrid' (guide network
     with dropout); 'sum' (the list `terms` of `guidance.Term`s, D = D_main + Σ w_i (D_main − D_i)).
+    Self-guidance presets (the main network under an `edm2_jax.perturb` perturbation in the blocks
+    `perturb`, strength `strength`): 'pag' (identity attention; default all attention blocks), 'slg'
+    (skip; default the decoder blocks at the lowest resolution), 'seg' (query blur, strength = blur
+    std in pixels, default 10), 'tpg' (token shuffle; default the bottleneck blocks), 'sigma-shift'
+    (σ·(1 + strength), strength required), 'swg' (sliding windows, window=(size, stride), default
+    (R/2, R/4); its own pass over the crops).
+    rule: None (linear) or `guidance.APG`, applied to every term of a named method.
     guidance: EDM2's g (number or `guidance.Schedule` of g over σ); w = g − 1, g = 1 is no guidance.
     dropout_rate: p in [0, 1), number or Schedule. interval: guide only for σ ∈ (lo, hi];
     interval_steps: guide only at steps start ≤ i ≤ stop (inclusive). Outside, the guide is not run.
@@ -227,7 +243,15 @@ def sample(net, noise, class_labels=None, *, method: str = 'none', guide=None, g
         raise ValueError(f'fusion must be one of {G.FUSIONS}, got {fusion!r}')
     t_steps = sigma_steps(num_steps, sigma_min, sigma_max, rho, dtype)
 
-    terms = _method_terms(method, guide, guidance, dropout_rate, perturb, terms)
+    if strength is not None and method not in PERTURB_METHODS:
+        raise ValueError(f'strength is for the perturbation methods {PERTURB_METHODS}, not {method!r}')
+    if window is not None and method != 'swg':
+        raise ValueError(f"window is for method 'swg', not {method!r}")
+    terms = named_terms(net, method, guide, guidance, dropout_rate, perturb, terms, strength, window)
+    if rule is not None:
+        if method == 'sum':
+            raise ValueError("with method='sum' give each Term its own rule")
+        terms = tuple(t.replace(rule=rule) for t in terms)
     terms = G.prepare_terms(net, terms, dtype)
     if interval is not None and interval_steps is not None:
         raise ValueError('give either interval (σ range) or interval_steps (step indices), not both')
@@ -241,9 +265,55 @@ def sample(net, noise, class_labels=None, *, method: str = 'none', guide=None, g
     churn = None
     if not _is_zero(S_churn):
         churn = Churn(*(jnp.asarray(v, dtype) for v in (S_churn, S_min, S_max, S_noise)))
-    random = churn is not None or any(t.dropout_rate is not None for t in terms)
+    random = churn is not None or any(t.dropout_rate is not None or any(
+        p.kind in ('dropout', 'token_shuffle') for p in t.perturbation or ()) for t in terms)
     keys = _check_keys(keys, n, random)
     return _sample(net, noise, class_labels, keys, t_steps, terms, interval, churn, fusion)
+
+
+PERTURB_METHODS = ('pag', 'slg', 'seg', 'tpg', 'sigma-shift', 'swg')
+
+
+def named_terms(net, method, guide=None, guidance=1.0, dropout_rate=0.0, perturb=None, terms=None,
+                strength=None, window=None) -> tuple[G.Term, ...]:
+    """The guidance terms `sample(method=...)` uses (arguments as there), e.g. to cost them alone."""
+    if method in PERTURB_METHODS:
+        return (_perturb_term(net, method, guide, guidance, dropout_rate, perturb, terms, strength, window),)
+    return _method_terms(method, guide, guidance, dropout_rate, perturb, terms)
+
+
+def _perturb_term(net, method, guide, guidance, dropout_rate, perturb, terms, strength, window=None):
+    """The single term of a self-guidance preset (see `sample`)."""
+    from edm2_jax import perturb as P
+    from edm2_jax.config import block_specs
+    if guide is not None or terms is not None or not _is_default(dropout_rate, 0.0):
+        raise ValueError(f'method {method!r} guides with the perturbed main network: no guide, terms or '
+                         'dropout_rate (combine with method="sum")')
+    w = guidance.map(lambda g: g - 1) if isinstance(guidance, G.Schedule) else jnp.asarray(guidance) - 1
+    if method == 'pag':
+        p = P.attention_identity(perturb, 1.0 if strength is None else strength)
+    elif method == 'slg':
+        if perturb is None:
+            blocks = [s for s in block_specs(net.config) if s.kind == 'block']
+            low = min(s.resolution for s in blocks)
+            perturb = [s.name for s in blocks if s.flavor == 'dec' and s.resolution == low]
+        p = P.skip(perturb, 1.0 if strength is None else strength)
+    elif method == 'seg':
+        p = P.attention_blur(10.0 if strength is None else strength, perturb)
+    elif method == 'tpg':
+        p = P.token_shuffle(perturb, 1.0 if strength is None else strength)
+    elif method == 'swg':
+        if strength is not None or perturb is not None:
+            raise ValueError("method 'swg' takes window=(size, stride), not strength or perturb")
+        size, stride = (None, None) if window is None else tuple(window)
+        p = P.window(size, stride)
+    else:
+        if strength is None:
+            raise ValueError("method 'sigma-shift' needs strength=δ (the guide runs at σ·(1 + δ))")
+        if perturb is not None:
+            raise ValueError("method 'sigma-shift' perturbs no blocks; leave perturb=None")
+        p = P.sigma_shift(strength)
+    return G.perturbed(w, p)
 
 
 def _method_terms(method, guide, guidance, dropout_rate, perturb, terms):

@@ -23,7 +23,8 @@ Networks have random standard-normal weights (cost does not depend on the values
 from the initialiser's shapes without compiling it.
 
 Methods: none, cfg, autoguidance, insitu-fused, insitu-unfused, insitu-prefix (dropout everywhere,
-prefix shared), insitu-decoder-prefix, insitu-decoder-fused, and any of them but none with the suffix
+prefix shared), insitu-decoder-prefix, insitu-decoder-fused, the self-guidance family pag, slg, seg, tpg,
+sigma-shift (δ = 0.2), swg (library defaults), and any of them but none with the suffix
 `-interval` (guidance only for σ in `--interval`). The autoguidance guide is a random network of the
 main configuration with `--guide_channels` channels (default: half the main width).
 """
@@ -47,6 +48,7 @@ from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from edm2_jax import EDM2Config, Network, get_preset, guidance as G, network_inputs, sample
+from edm2_jax.sampling import named_terms
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('preset', '', 'EDM2 preset (e.g. img512-xs); empty: the custom network of the flags below')
@@ -84,6 +86,13 @@ BASE_METHODS = {
     'insitu-prefix': dict(method='insitu', fusion='prefix', perturb='all'),
     'insitu-decoder-prefix': dict(method='insitu', fusion='prefix', perturb='decoder'),
     'insitu-decoder-fused': dict(method='insitu', fusion='fused', perturb='decoder'),
+    # The self-guidance family (edm2_jax.perturb), each with its library defaults.
+    'pag': dict(method='pag'),
+    'slg': dict(method='slg'),
+    'seg': dict(method='seg'),
+    'tpg': dict(method='tpg'),
+    'sigma-shift': dict(method='sigma-shift', strength=0.2),
+    'swg': dict(method='swg'),
 }
 SAMPLER_FUN = '_sample'  # name of the sampler's jitted function in edm2_jax.sampling (compile events)
 
@@ -296,8 +305,9 @@ def measure(name, net, guide, inputs, steps, repeats, values, interval, log, inl
     if spec['method'] == 'none':
         f_guided = f_eval
     else:
-        term = G.method_terms(spec['method'], g1 - 1, guide if spec['method'] == 'autoguidance' else None,
-                              p1 if spec['method'] == 'insitu' else 0.0, spec.get('perturb'))
+        term = named_terms(net, spec['method'], guide if spec['method'] == 'autoguidance' else None, g1,
+                           p1 if spec['method'] == 'insitu' else 0.0, spec.get('perturb'),
+                           strength=spec.get('strength'))
         terms = G.prepare_terms(net, term, jnp.float32)
         f_guided = guided_flops(net, inputs.noise, sigma, inputs.class_labels, inputs.keys, terms,
                                 spec.get('fusion', 'prefix'))

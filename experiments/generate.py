@@ -26,7 +26,8 @@ from pathlib import Path
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-METHODS = ('none', 'cfg', 'autoguidance', 'insitu', 'hybrid')
+SELF_GUIDANCE = ('pag', 'slg', 'seg', 'tpg', 'sigma-shift', 'swg')  # the network degraded at call time
+METHODS = ('none', 'cfg', 'autoguidance', 'insitu', 'hybrid') + SELF_GUIDANCE
 STOP_ENV = 'EDM2_GENERATE_STOP_AFTER_BATCHES'  # testing: exit abruptly after k batches (a "kill")
 
 flags.DEFINE_string('net', None, 'Converted checkpoint directory of the main network.')
@@ -43,6 +44,9 @@ flags.DEFINE_float('w', None, 'Guidance weight w = g - 1 (alternative to --guida
 flags.DEFINE_float('p', None, 'Dropout rate of the in-situ guide (insitu, hybrid).')
 flags.DEFINE_string('perturb', None, "Blocks with guide dropout: all | encoder | decoder | comma list "
                     "of block names (e.g. dec.8x8_block0). insitu/hybrid only.")
+flags.DEFINE_float('strength', None, 'Perturbation strength of pag/slg/tpg (1 = on), seg (blur sigma in '
+                   'pixels, default 10) and sigma-shift (delta: the guide sees sigma*(1+delta); required).')
+flags.DEFINE_list('window', None, 'swg window "size,stride" in pixels (default: the library\'s).')
 flags.DEFINE_list('interval', None, 'Guide only for sigma in (lo, hi]: "lo,hi".')
 flags.DEFINE_list('interval_steps', None, 'Guide only at steps start <= i <= stop: "start,stop".')
 flags.DEFINE_enum('fusion', 'prefix', ['prefix', 'fused', 'unfused'], 'How passes of the main '
@@ -160,7 +164,7 @@ def resolve_settings(f) -> dict:
     method = s['method']
     if method in ('autoguidance', 'hybrid') and s['gnet'] is None:
         raise ValueError(f'--method={method} needs --gnet (the guide network)')
-    if method in ('none', 'insitu') and s['gnet'] is not None:
+    if (method in ('none', 'insitu') or method in SELF_GUIDANCE) and s['gnet'] is not None:
         raise ValueError(f'--method={method} uses no --gnet')
     uses_p = method in ('insitu', 'hybrid')
     if f.p is not None and not uses_p:
@@ -169,9 +173,17 @@ def resolve_settings(f) -> dict:
         raise ValueError(f'--method={method} needs --p (the guide dropout rate)')
     if f.p is not None and not 0 < f.p < 1:
         raise ValueError(f'--p must lie in (0, 1), got {f.p}')
-    if f.perturb is not None and not uses_p:
-        raise ValueError(f'--perturb selects dropout blocks for insitu/hybrid, not --method={method}')
-    s.update(p=f.p, perturb=_parse_perturb(f.perturb))
+    if f.perturb is not None and not (uses_p or method in ('pag', 'slg', 'seg', 'tpg')):
+        raise ValueError(f'--perturb selects the perturbed blocks of insitu/hybrid/pag/slg/seg/tpg, '
+                         f'not --method={method}')
+    if f.strength is not None and method not in SELF_GUIDANCE[:5]:
+        raise ValueError(f'--strength is for --method={"/".join(SELF_GUIDANCE[:5])}, not --method={method}')
+    if method == 'sigma-shift' and f.strength is None:
+        raise ValueError('--method=sigma-shift needs --strength (delta: the guide sees sigma*(1+delta))')
+    if f.window is not None and method != 'swg':
+        raise ValueError(f'--window is for --method=swg, not --method={method}')
+    s.update(p=f.p, perturb=_parse_perturb(f.perturb), strength=f.strength,
+             window=_pair(f.window, int, 'window'))
     if f.interval is not None and f.interval_steps is not None:
         raise ValueError('give --interval (sigma range) or --interval_steps, not both')
     if (f.interval is not None or f.interval_steps is not None) and method == 'none':
@@ -359,6 +371,8 @@ def generate(s: dict, *, multihost_kwargs: dict | None = None, progress: bool = 
         kwargs.update(guidance=s['guidance'], interval=s['interval'], interval_steps=s['interval_steps'])
     if s['method'] in ('insitu', 'hybrid'):
         kwargs.update(dropout_rate=s['p'], perturb=s['perturb'])
+    if s['method'] in SELF_GUIDANCE:
+        kwargs.update({k: s[k] for k in ('perturb', 'strength', 'window') if s[k] is not None})
     sampler = parallel.make_sampler(layout, **kwargs)
 
     # This process's seeds, minus those already done; clear temporaries of a killed run.

@@ -253,3 +253,16 @@ def test_guidance_errors(nets, batch):
         S.sample(net, batch.noise, batch.class_labels, terms=[G.cfg(1.0)])
     with pytest.raises(ValueError, match="'insitu' guides with the main network"):
         S.sample(net, batch.noise, batch.class_labels, method='insitu', guide=gnet, keys=batch.keys)
+
+
+def test_per_term_interval_and_schedule():
+    """Term 1 guides only for σ ∈ (1, 10]; term 2 always, with w(σ) a schedule: D against the formula."""
+    x = jnp.arange(6.0).reshape(3, 2)
+    keys = jax.random.split(jax.random.key(0), 3)
+    w2 = G.Schedule.constant([2.0], [0.5, 1.5])
+    denoise = G.guided(scaled(0.5), G.separately(scaled(0.5), scaled(0.2), scaled(0.9)), [1.5, w2],
+                       intervals=[G.Interval.sigmas(1.0, 10.0), None])
+    for sigma in (0.5, 3.0, 20.0):
+        w1 = 1.5 if 1.0 < sigma <= 10.0 else 0.0
+        expected = (0.5 + w1 * (0.5 - 0.2) + (0.5 if sigma <= 2.0 else 1.5) * (0.5 - 0.9)) * np.asarray(x)
+        np.testing.assert_allclose(np.asarray(denoise(x, jnp.float32(sigma), 0, keys)), expected, rtol=1e-6)

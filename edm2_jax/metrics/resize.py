@@ -28,27 +28,25 @@ def _keys_cubic(t, a):
                     np.where(t < 2, (((t - 5) * t + 8) * t - 4) * a, 0.0))
 
 
-def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
-    scale = n_in / n_out
-    src = np.maximum((np.arange(n_out) + 0.5) * scale - 0.5, 0.0)
+def _linear_weights(src: np.ndarray, n_in: int) -> np.ndarray:
+    """[n_out, n_in] linear-interpolation weights for source coordinates `src` (edges clamped)."""
     lo = np.minimum(np.floor(src).astype(int), n_in - 1)
     hi = np.minimum(lo + 1, n_in - 1)
     frac = src - lo
-    w = np.zeros((n_out, n_in))
-    np.add.at(w, (np.arange(n_out), lo), 1 - frac)
-    np.add.at(w, (np.arange(n_out), hi), frac)
+    w = np.zeros((len(src), n_in))
+    np.add.at(w, (np.arange(len(src)), lo), 1 - frac)
+    np.add.at(w, (np.arange(len(src)), hi), frac)
     return w
+
+
+def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """torch's bilinear (align_corners=False): half-pixel centres."""
+    return _linear_weights(np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0), n_in)
 
 
 def bilinear_tf_matrix(n_in: int, n_out: int) -> np.ndarray:
-    src = np.arange(n_out) * (n_in / n_out)
-    lo = np.minimum(np.floor(src).astype(int), n_in - 1)
-    hi = np.minimum(lo + 1, n_in - 1)
-    frac = src - lo
-    w = np.zeros((n_out, n_in))
-    np.add.at(w, (np.arange(n_out), lo), 1 - frac)
-    np.add.at(w, (np.arange(n_out), hi), frac)
-    return w
+    """TF1's older bilinear resize: samples at destination · n_in / n_out."""
+    return _linear_weights(np.arange(n_out) * (n_in / n_out), n_in)
 
 
 def bicubic_matrix(n_in: int, n_out: int, scale_factor: float | None = None, a: float = -0.75) -> np.ndarray:
