@@ -283,7 +283,7 @@ def write_outputs(outdir: Path, mean, std, n_runs, info: dict, sanity: dict):
     if n_runs > 1:
         _atomic_write(outdir / 'metrics_std.json', json.dumps(std, indent=1) + '\n')
     _atomic_write(outdir / 'run.json', json.dumps({**info, 'dropout_sanity': sanity}, indent=1) + '\n')
-    md = [f'# Toy 2-D guidance comparison', '',
+    md = ['# Toy 2-D guidance comparison', '',
           f'{info["num_samples"]} samples per method; {n_runs} run(s) (training seeds {info["train_seeds"]} × '
           f'sampling seeds {info["sample_seeds"]}){" — mean ± std" if n_runs > 1 else ""}. '
           f'Outlier threshold τ = {info["tau"]:.3f} (1 % quantile of log p_A of exact samples). '
