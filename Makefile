@@ -1,18 +1,31 @@
 # One command sets up the environment (if missing) and runs the demo; one runs the tests.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torch 2.13.0 is the CPU wheel; any other torch spec pulls a multi-GB CUDA build.
-TORCH := torch==2.13.0
+# Both wheels lie on this machine's disk (a CUDA build that runs on the CPU too); torchvision is
+# needed by pytorch-fid, the reference the Inception test compares against. Any other torch spec
+# downloads a multi-GB build.
+TORCH := torch==2.14.1 torchvision==0.29.1
+FMNIST := /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test clean
+.PHONY: setup data demo test clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed data
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH) -e '.[test,convert]'
+	# the torch-hub DINOv2 code, the reference of the hub-layout converter test (its own deps pin torch)
+	$(PY) -m pip install -q --no-deps dinov2
 	touch $@
+
+# Fashion-MNIST (training and the guidance study) from Debian's dataset-fashion-mnist package.
+data: $(FMNIST)/train-images-idx3-ubyte.gz
+
+$(FMNIST)/train-images-idx3-ubyte.gz:
+	$(SUDO) apt-get install -y -q dataset-fashion-mnist || \
+	  ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist)
 
 demo: setup
 	$(PY) -m experiments.toy2d

@@ -11,8 +11,10 @@ params['Mixed_5b']['branch5x5_1']['kernel'] (HWIO), `.bn.{weight,bias,running_me
 
 Preprocessing, two variants:
 - 'nvidia' (default; EDM2's pickled `inception-2015-12-05.pkl` on uint8): float pixels, TF1's legacy
-  bilinear resize to 299×299 (source = destination · in/out, border-clamped; the pickle emulates it
-  with affine_grid + grid_sample), then (x − 128)/128.
+  bilinear resize to 299×299 (source = destination · in/out, border-clamped), then (x − 128)/128.
+  The pickle's TorchScript forward does this as affine_grid(eye(2, 3) with 1/W − 1/299 added to the
+  translation) + grid_sample(bilinear, border, align_corners=False), for every input size (checked
+  against the decompiled forward of the published detector; the test rebuilds it in torch).
 - 'pytorch_fid' (on [0, 1] input): `F.interpolate(bilinear, align_corners=False)` to 299, then 2x − 1.
 Same weights; the variants differ slightly for images that are not 299×299.
 """
