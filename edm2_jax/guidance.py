@@ -6,18 +6,20 @@ sampler (`sampling.py`) sees nothing else. EDM2's `guidance` g is this module's 
 `D_guide + g·(D_main − D_guide)` equals `D_main + (g − 1)·(D_main − D_guide)`.
 
 The first half of the module is generic (any denoisers, e.g. the 2-D toy's MLPs): σ-schedules for w
-and p, the guidance interval, and `guided`, which evaluates the guides only inside the interval
-(`lax.cond`, so the saved evaluations are real). The second half builds EDM2 denoisers from
-`Network`s: each guidance `Term` names its guide (a separate network, or the main network itself with
-dropout p, a null label or any `perturb.Perturbation`), its own interval and rule (linear or `APG`),
-and the terms that share the main network's parameters are evaluated in one fused pass over the
-stacked batch [x; x; …] (with a shared prefix via `Network.paired` / `Network.stacked`).
+and p, the guidance interval, and `guided`, which evaluates the guides only inside the interval, and
+each term's guide only inside that term's own interval (`lax.cond`, so the saved evaluations are
+real). The second half builds EDM2 denoisers from `Network`s: each guidance `Term` names its guide (a
+separate network, or the main network itself with dropout p, a null label or any
+`perturb.Perturbation`), its own interval and rule (linear or `APG`), and the terms that share the
+main network's parameters are evaluated in one fused pass over the stacked batch [x; x; …] (with a
+shared prefix via `Network.paired` / `Network.stacked`), specialised to the terms active at the step.
 
 All numbers (w, p, interval bounds, schedule values) are pytree leaves, so they are traced under
 `jax.jit`; the method, the perturbed blocks and the fusion mode are static.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -179,12 +181,14 @@ def guided(main: Denoiser, evaluate_all: Callable, weights: Sequence[Any],
            rules: Sequence[Any] | None = None) -> Denoiser:
     """D = D_main + Σ_i w_i(σ)·rule_i(D_main − D_i), with the guides evaluated only inside `interval`.
 
-    main(x, σ, step, keys) → D_main is what runs outside the interval; evaluate_all(x, σ, step, keys)
-    → (D_main, [D_1, …]) runs inside it (it may fuse the passes). weights: numbers, arrays or Schedules.
-    intervals: per term, None or an `Interval` outside which that term contributes nothing (its guide
-    still runs when fused with others). rules: per term, None (linear) or an `APG`; with any APG the
-    denoiser is stateful: it carries `init_state(x)` and is called as denoise(x, σ, step, keys,
-    state) → (D, state) (`heun_loop` does this).
+    main(x, σ, step, keys) → D_main is what runs outside the interval; evaluate_all(x, σ, step, keys,
+    active) → (D_main, [D_1, …]) runs inside it (it may fuse the passes). active: one entry per term,
+    None (the term has no interval of its own) or a traced bool; evaluate_all should skip the work of
+    inactive terms (`separately` and `edm2_denoiser` do) — their D_i is ignored. weights: numbers,
+    arrays or Schedules. intervals: per term, None or an `Interval` outside which that term
+    contributes nothing. rules: per term, None (linear) or an `APG`; with any APG the denoiser is
+    stateful: it carries `init_state(x)` and is called as denoise(x, σ, step, keys, state) →
+    (D, state) (`heun_loop` does this).
     """
     k = len(weights)
     intervals = tuple(intervals or (None,) * k)
@@ -192,18 +196,18 @@ def guided(main: Denoiser, evaluate_all: Callable, weights: Sequence[Any],
     stateful = any(r is not None for r in rules)
 
     def combined(x, sigma, step, keys, state=None):
-        d_main, d_guides = evaluate_all(x, sigma, step, keys)
+        active = tuple(None if iv is None else iv(sigma, step) for iv in intervals)
+        d_main, d_guides = evaluate_all(x, sigma, step, keys, active)
         out, new_state = d_main, []
         for i, (w, d) in enumerate(zip(weights, d_guides, strict=True)):
             delta = d_main - d
             if rules[i] is not None:
                 delta, running = rules[i](delta, d_main, state[i])
             term = value_at(w, sigma, d_main.dtype) * delta
-            if intervals[i] is not None:
-                active = intervals[i](sigma, step)
-                term = jnp.where(active, term, jnp.zeros_like(term))
+            if active[i] is not None:
+                term = jnp.where(active[i], term, jnp.zeros_like(term))
                 if rules[i] is not None:
-                    running = jnp.where(active, running, state[i])
+                    running = jnp.where(active[i], running, state[i])
             out = out + term
             new_state.append(running if rules[i] is not None else state[i] if stateful else None)
         return (out, tuple(new_state)) if stateful else out
@@ -228,20 +232,34 @@ def guided(main: Denoiser, evaluate_all: Callable, weights: Sequence[Any],
     return denoise_with_state
 
 
+def gated(active, fn: Callable, *args):
+    """fn(*args), run only where `active` (None: always); elsewhere zeros of its output's shape, and
+    its work is skipped (`lax.cond`, the predicate traced)."""
+    if active is None:
+        return fn(*args)
+
+    def zeros(*_):
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *args))
+    return jax.lax.cond(active, fn, zeros, *args)
+
+
 def separately(main: Denoiser, *guides: Denoiser) -> Callable:
-    """evaluate_all for independent denoisers: main, then guide i with its own keys fold_in(keys, i)."""
-    def evaluate_all(x, sigma, step, keys):
-        return main(x, sigma, step, keys), [g(x, sigma, step, fold_keys(keys, i))
-                                             for i, g in enumerate(guides)]
+    """evaluate_all for independent denoisers: main, then guide i with its own keys fold_in(keys, i),
+    each guide run only while its term is active."""
+    def evaluate_all(x, sigma, step, keys, active=None):
+        active = active or (None,) * len(guides)
+        return main(x, sigma, step, keys), [gated(a, g, x, sigma, step, fold_keys(keys, i))
+                                             for i, (g, a) in enumerate(zip(guides, active, strict=True))]
     return evaluate_all
 
 
 def guide_with(main: Denoiser, guides: Sequence[Denoiser], weights: Sequence[Any],
-               interval: Interval | None = None) -> Denoiser:
-    """The guided denoiser of independent denoisers (e.g. the toy's main and guide MLPs)."""
+               interval: Interval | None = None, intervals: Sequence[Any] | None = None) -> Denoiser:
+    """The guided denoiser of independent denoisers (e.g. the toy's main and guide MLPs); `intervals`:
+    one per term (None or an `Interval`), outside which that guide is not run."""
     if len(guides) != len(weights):
         raise ValueError(f'{len(guides)} guides but {len(weights)} weights')
-    return guided(main, separately(main, *guides), weights, interval)
+    return guided(main, separately(main, *guides), weights, interval, intervals=intervals)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -404,6 +422,9 @@ def _windowed(t) -> bool:
     return any(p.kind == 'window' for p in t.perturbation or ())
 
 
+MAX_SWITCH_TERMS = 3  # shared terms with own intervals beyond which the fused pass is not specialised
+
+
 def edm2_denoiser(net, class_labels, terms: Sequence[Term], *, interval: Interval | None = None,
                   fusion: str = 'prefix', dtype=jnp.float32) -> Denoiser:
     """The guided denoiser of an EDM2 `Network` (terms from `prepare_terms`).
@@ -415,15 +436,22 @@ def edm2_denoiser(net, class_labels, terms: Sequence[Term], *, interval: Interva
     (rates [0…, p…], each term's perturbation strengths on its own rows, labels [c…, c or ∅…]);
     'unfused' — one pass per term. Separate guide networks and window guides (another batch shape)
     always run their own pass. Networks compute in float32; D is cast to `dtype`.
+
+    Per-term intervals skip real work: a pass of its own runs only while its term is active
+    (`lax.cond`). The fused pass is specialised by `lax.switch` to the subset of active shared terms
+    with intervals (m of them: 2^m variants of the pass in one program, so compile time grows
+    ~2^m; the subset with none is the main pass alone). Beyond m = MAX_SWITCH_TERMS the fused pass
+    has two variants: the terms without interval alone, or all shared terms while any is active.
     """
     if fusion not in FUSIONS:
         raise ValueError(f'fusion must be one of {FUSIONS}, got {fusion!r}')
     terms = tuple(terms)
     shared = [i for i, t in enumerate(terms) if t.shared and not _windowed(t)]  # fused with the main pass
-    pairable = len(shared) == 1 and terms[shared[0]].dropout_rate is not None \
-        and not terms[shared[0]].null_label and terms[shared[0]].perturbation is None
-    labels_shared = not any(terms[i].null_label for i in shared)
     f32 = jnp.float32
+
+    def pairable(subset):
+        return len(subset) == 1 and terms[subset[0]].dropout_rate is not None \
+            and not terms[subset[0]].null_label and terms[subset[0]].perturbation is None
 
     def run(network, x, sigma, labels, rate=None, keys=None, perturb=None, perturbation=None):
         kwargs = {} if rate is None else dict(dropout_rate=rate, dropout_key=keys, perturb=perturb)
@@ -455,55 +483,81 @@ def edm2_denoiser(net, class_labels, terms: Sequence[Term], *, interval: Interva
         return run(network, x, sigma, labels_of(network, x.shape[0], t.null_label), rate_of(t, sigma),
                    keys, t.perturb, perturbations_at(t, sigma))
 
-    def paired(x, sigma, keys):
-        t = terms[shared[0]]
+    def paired(i, x, sigma, keys):
+        t = terms[i]
         pair = net.paired(x.astype(f32), sigma.astype(f32), class_labels, dropout_rate=rate_of(t, sigma),
                           dropout_key=keys, perturb=t.perturb, share_prefix=fusion == 'prefix')
         return [a.astype(dtype) for a in pair]
 
-    def stacked(x, sigma, keys_of):
-        """[D_main, D_shared_1, …] from one pass over [x; x; …]."""
-        n, k = x.shape[0], 1 + len(shared)
+    def stacked(subset, x, sigma, keys_of):
+        """[D_main, D_i for i in subset] from one pass over [x; x; …]."""
+        n, k = x.shape[0], 1 + len(subset)
         labels = labels_of(net, n)
         if labels is not None:
-            labels = jnp.concatenate([labels] + [labels_of(net, n, terms[i].null_label) for i in shared])
+            labels = jnp.concatenate([labels] + [labels_of(net, n, terms[i].null_label) for i in subset])
         rate = perturb = None
-        keys = jnp.concatenate([keys_of[shared[0]]] + [keys_of[i] for i in shared])  # main rows: unused
-        with_dropout = [i for i in shared if terms[i].dropout_rate is not None]
+        keys = jnp.concatenate([keys_of[subset[0]]] + [keys_of[i] for i in subset])  # main rows: unused
+        with_dropout = [i for i in subset if terms[i].dropout_rate is not None]
         if with_dropout:
             zeros = jnp.zeros((n,), f32)
             rate = jnp.concatenate([zeros] + [zeros if terms[i].dropout_rate is None else
-                                              jnp.broadcast_to(rate_of(terms[i], sigma), (n,)) for i in shared])
+                                              jnp.broadcast_to(rate_of(terms[i], sigma), (n,)) for i in subset])
             perturb = terms[with_dropout[0]].perturb
         perturbation = []  # each term's perturbations act on its own rows only (strength 0 elsewhere)
-        for j, i in enumerate(shared):
+        for j, i in enumerate(subset):
             for p in perturbations_at(terms[i], sigma):
                 rows = jnp.zeros((k, n), f32).at[1 + j].set(jnp.broadcast_to(p.strength, (n,)))
                 perturbation.append(p.replace(strength=rows.reshape(-1)))
-        if fusion == 'prefix' and labels_shared:  # one call; the unperturbed prefix runs on N rows
+        if fusion == 'prefix' and not any(terms[i].null_label for i in subset):
             out = net.stacked(x.astype(f32), sigma.astype(f32), labels_of(net, n), copies=k,
                               dropout_rate=rate, dropout_key=keys, perturb=perturb,
-                              perturbation=perturbation).astype(dtype)
+                              perturbation=perturbation).astype(dtype)  # the unperturbed prefix on N rows
         else:
             out = run(net, jnp.concatenate([x] * k), sigma, labels, rate, keys, perturb, perturbation)
         return [out[j * n:(j + 1) * n] for j in range(k)]
 
-    def evaluate_all(x, sigma, step, keys):
+    def fused(subset, x, sigma, step, keys_of):
+        """D_main and D_i of every shared term (zeros for those not in `subset`), in one pass."""
+        if not subset:
+            outs = [main(x, sigma, step, None)]
+        elif pairable(subset):
+            outs = paired(subset[0], x, sigma, keys_of[subset[0]])
+        else:
+            outs = stacked(subset, x, sigma, keys_of)
+        d = dict(zip(subset, outs[1:]))
+        return outs[0], [d[i] if i in d else jnp.zeros_like(outs[0]) for i in shared]
+
+    def fused_active(x, sigma, step, keys_of, active):
+        """The fused pass over the active shared terms (see the docstring: switch, cap)."""
+        always = [i for i in shared if active[i] is None]
+        gated_terms = [i for i in shared if active[i] is not None]
+        if not gated_terms:
+            return fused(shared, x, sigma, step, keys_of)
+        if len(gated_terms) <= MAX_SWITCH_TERMS:
+            subsets = [sorted(always + [i for b, i in enumerate(gated_terms) if mask >> b & 1])
+                       for mask in range(1 << len(gated_terms))]
+            index = sum(active[i].astype(jnp.int32) << b for b, i in enumerate(gated_terms))
+        else:
+            subsets = [always, shared]
+            index = functools.reduce(jnp.logical_or, [active[i] for i in gated_terms]).astype(jnp.int32)
+        branches = [functools.partial(fused, s) for s in subsets]
+        return jax.lax.switch(index, branches, x, sigma, step, keys_of)
+
+    def evaluate_all(x, sigma, step, keys, active=None):
+        active = active or (None,) * len(terms)
         keys_of = [fold_keys(keys, i) for i in range(len(terms))]  # term i's own stream
         d = [None] * len(terms)
         if fusion == 'unfused' or not shared:
             d_main = main(x, sigma, step, keys)
             for i in shared:
-                d[i] = term_pass(i, x, sigma, keys_of[i])
-        elif pairable:
-            d_main, d[shared[0]] = paired(x, sigma, keys_of[shared[0]])
+                d[i] = gated(active[i], functools.partial(term_pass, i), x, sigma, keys_of[i])
         else:
-            d_main, *rest = stacked(x, sigma, keys_of)
+            d_main, rest = fused_active(x, sigma, step, keys_of, active)
             for i, di in zip(shared, rest):
                 d[i] = di
         for i in range(len(terms)):
             if i not in shared:  # separate guide networks and window guides: their own pass each
-                d[i] = term_pass(i, x, sigma, keys_of[i])
+                d[i] = gated(active[i], functools.partial(term_pass, i), x, sigma, keys_of[i])
         return d_main, d
 
     if not terms:

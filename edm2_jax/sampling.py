@@ -221,6 +221,8 @@ def sample(net, noise, class_labels=None, *, method: str = 'none', guide=None, g
     guidance: EDM2's g (number or `guidance.Schedule` of g over σ); w = g − 1, g = 1 is no guidance.
     dropout_rate: p in [0, 1), number or Schedule. interval: guide only for σ ∈ (lo, hi];
     interval_steps: guide only at steps start ≤ i ≤ stop (inclusive). Outside, the guide is not run.
+    A `guidance.Term` may carry its own `interval` (method='sum'): its guide runs only inside it
+    (see `guidance.edm2_denoiser`).
     fusion: 'prefix' | 'fused' | 'unfused' (how passes sharing the main network's parameters run).
     keys: [N] typed keys, the sampler streams of `seed_inputs` (needed for dropout and churn).
     w, p, interval bounds, schedule values, σ_min, σ_max, ρ and churn values are traced: sweeping

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from edm2_jax import checkpoint
 from edm2_jax import guidance as G
+from edm2_jax import perturb as P
 from edm2_jax.toy import metrics as metrics_lib
 from edm2_jax.toy import fractal as mixture_lib
 from edm2_jax.toy import plot as plot_lib
@@ -60,6 +61,7 @@ class Setting(NamedTuple):
 DEFAULT = Setting(64, 32, 4096, 512, 4096, 1 << 14, 300)
 QUICK = Setting(16, 8, 256, 64, 512, 2048, 120)
 FIGURE_W = {'cfg': 3.0, 'ag': 2.0, 'insitu': 2.0}      # the paper's operating points (w = g − 1)
+SELF_GUIDE_W = 2.0   # the figure's skip-layer and sigma-shift panels: best row at this w (as in-situ)
 INSITU_P_SCHEDULE = G.Schedule.linear([0.05, 1.0], [0.02, 0.1])  # declared before running
 
 
@@ -92,15 +94,33 @@ def insitu_schedule(w):
     return Method(f'in-situ-sched w={w:g} p=0.02..0.1', (Term('main', w, INSITU_P_SCHEDULE),))
 
 
+def skip_layer(layer, w):
+    """Skip-layer guidance: the main model with hidden layer `layer` passing its input on (toy.model)."""
+    return Method(f'skip-layer l={layer} w={w:g}', (Term('main', w, perturbation=P.skip((layer,))),))
+
+
+def sigma_shift(delta, w):
+    """Self-guidance at a noisier level: the main model evaluated at σ·(1 + δ) as the guide."""
+    return Method(f'sigma-shift δ={delta:g} w={w:g}', (Term('main', w, perturbation=P.sigma_shift(delta)),))
+
+
+SKIP_LAYERS = (1, 2, 3)          # the hidden layers of the default 4-layer MLP
+SHIFT_DELTAS = (0.1, 0.25, 0.5)
+
+
 def default_methods():
-    """Each method's figure operating point plus a small grid (one training seed)."""
+    """Each method's figure operating point plus a small grid (one training seed): the self-guidance
+    rows (in-situ, skip-layer, sigma-shift) each on a 3 strengths × w ∈ {1, 2} grid."""
     return ([Method('none'), cfg(1.0), cfg(3.0), cfg(3.0, (0.28, 2.9)), ag(1.0), ag(2.0)]
             + [insitu(p, w) for p in (0.02, 0.05, 0.1) for w in (1.0, 2.0)]
+            + [skip_layer(i, w) for i in SKIP_LAYERS for w in (1.0, 2.0)]
+            + [sigma_shift(d, w) for d in SHIFT_DELTAS for w in (1.0, 2.0)]
             + [hybrid('ag', 0.05, 2.0), two_term('ag', 1.0, 1.0, 0.05), insitu_schedule(2.0)])
 
 
 def quick_methods():
-    return [Method('none'), cfg(3.0), ag(2.0), insitu(0.05, 2.0), insitu(0.1, 2.0)]
+    return [Method('none'), cfg(3.0), ag(2.0), insitu(0.05, 2.0), insitu(0.1, 2.0), skip_layer(2, 2.0),
+            sigma_shift(0.25, 2.0)]
 
 
 def full_methods():
@@ -114,6 +134,8 @@ def full_methods():
             out += [two_term(guide, wc, wd, p) for wc in (0.25, 0.5, 1.0) for wd in (0.25, 0.5, 1.0)]
             out += [hybrid(guide, p, w) for w in (1.0, 2.0)]
     out += [insitu_schedule(w) for w in (1.0, 2.0)]
+    out += [skip_layer(i, w) for i in SKIP_LAYERS for w in (0.25, 0.5, 1.0, 2.0)]
+    out += [sigma_shift(d, w) for d in (0.05,) + SHIFT_DELTAS + (1.0,) for w in (0.25, 0.5, 1.0, 2.0)]
     return out
 
 
@@ -220,6 +242,7 @@ def dropout_sanity(models, key, rates):
 
 def _atomic_write(path: Path, text: str):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
+    os.fchmod(fd, 0o644)  # mkstemp makes 0600 files
     with os.fdopen(fd, 'w') as f:
         f.write(text)
     os.replace(tmp, path)
@@ -297,10 +320,10 @@ def write_outputs(outdir: Path, mean, std, n_runs, info: dict, sanity: dict):
     _atomic_write(outdir / 'metrics.md', '\n'.join(md))
 
 
-def pick_insitu(mean, w):
-    """The figure's in-situ point: among in-situ rows at weight w with escape rate ≤ 1 %, the lowest KL
-    clip (if none qualifies: the lowest outlier rate)."""
-    rows = [m for m in mean if m.startswith('in-situ p=') and m.endswith(f' w={w:g}')]
+def pick_insitu(mean, w, prefix='in-situ p='):
+    """The figure's in-situ (or other `prefix` family) point: among its rows at weight w with escape
+    rate ≤ 1 %, the lowest KL clip (if none qualifies: the lowest outlier rate)."""
+    rows = [m for m in mean if m.startswith(prefix) and m.endswith(f' w={w:g}')]
     ok = [m for m in rows if mean[m]['escape'] <= MAX_ESCAPE_FOR_KL]
     if ok:
         return min(ok, key=lambda m: mean[m]['kl_clip'])
@@ -370,6 +393,11 @@ def main(argv):
                          (f'CFG w={FIGURE_W["cfg"]:g}', cfg(FIGURE_W['cfg'])),
                          (f'Autoguidance w={FIGURE_W["ag"]:g}', ag(FIGURE_W['ag'])),
                          (best.replace('in-situ', 'In-situ'), next(m for m in methods if m.name == best))]
+        for prefix, title in (('skip-layer l=', 'Skip-layer'), ('sigma-shift δ=', 'Sigma-shift')):
+            if any(m.name.startswith(prefix) and m.name.endswith(f' w={SELF_GUIDE_W:g}') for m in methods):
+                chosen = pick_insitu(mean, SELF_GUIDE_W, prefix)
+                panel_methods.append((title + chosen[len(prefix.split(' ')[0]):],
+                                      next(m for m in methods if m.name == chosen)))
         zoom = jnp.asarray(zoom_start_points(jax.random.key(4)))
         t_zoom = methods_lib.time_steps(sigma_max=0.03)
         zkeys = jax.random.split(jax.random.key(5), zoom.shape[0])

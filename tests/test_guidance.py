@@ -266,3 +266,121 @@ def test_per_term_interval_and_schedule():
         w1 = 1.5 if 1.0 < sigma <= 10.0 else 0.0
         expected = (0.5 + w1 * (0.5 - 0.2) + (0.5 if sigma <= 2.0 else 1.5) * (0.5 - 0.9)) * np.asarray(x)
         np.testing.assert_allclose(np.asarray(denoise(x, jnp.float32(sigma), 0, keys)), expected, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-term intervals skip the work of inactive terms.
+
+def heun_evals(num_steps, sigma_max=80.0):
+    """(σ, step) of every evaluation of the Heun loop, in order."""
+    t = np.asarray(S.sigma_steps(num_steps, sigma_max=sigma_max), np.float64)
+    return [(s, i) for i in range(num_steps) for s in ([t[i], t[i + 1]] if i < num_steps - 1 else [t[i]])]
+
+
+def test_per_term_interval_runs_its_guide_only_where_active():
+    """Generic denoisers: guide 1 has the step interval [1, 4] (4 of 6 steps), guide 2 none. Guide 1
+    runs exactly at the 8 evaluations of steps 1–4; D against the formula in a NumPy Heun loop."""
+    log, num_steps = [], 6
+    denoise = G.guide_with(counting('main', 0.6, log), [counting('g1', 0.8, log), counting('g2', 0.7, log)],
+                           [1.0, 0.5], intervals=[G.Interval.steps(1, 4), None])
+    inputs = S.seed_inputs(np.arange(2), (3,))
+    out = jax.jit(lambda n, k: S.heun_sampler(denoise, n, k, num_steps=num_steps, sigma_max=20.0))(
+        inputs.noise, inputs.keys)
+    jax.effects_barrier()
+    evals = heun_evals(num_steps, 20.0)
+    on = [1 <= i <= 4 for _, i in evals]
+    assert [name for name, _, _ in log] == sum((['main', 'g1', 'g2'] if a else ['main', 'g2'] for a in on), [])
+    assert sum(name == 'g1' for name, _, _ in log) == 8
+    t = np.asarray(S.sigma_steps(num_steps, sigma_max=20.0), np.float64)
+    x = np.asarray(inputs.noise, np.float64) * t[0]
+    for i in range(num_steps):  # D = a·x with a = 0.6 + 1.0·(0.6 − 0.8)·[1 ≤ i ≤ 4] + 0.5·(0.6 − 0.7)
+        a = 0.6 - 0.2 * (1 <= i <= 4) - 0.05
+        d = x * (1 - a) / t[i]
+        x_next = x + (t[i + 1] - t[i]) * d
+        if i < num_steps - 1:
+            x_next = x + (t[i + 1] - t[i]) * (d + x_next * (1 - a) / t[i + 1]) / 2
+        x = x_next
+    np.testing.assert_allclose(np.asarray(out), x, rtol=1e-5, atol=1e-6)
+
+
+def test_a_separate_guide_with_a_4_step_interval_costs_8_evaluations(nets, batch):
+    net, gnet = nets
+    steps = 6
+    out, calls = run_recorded(lambda: S.sample(
+        net, batch.noise, batch.class_labels, method='sum', num_steps=steps, keys=batch.keys,
+        terms=[G.Term(0.4, guide=gnet, interval=G.Interval.steps(1, 4, num_steps=steps))]))
+    evals = heun_evals(steps)
+    assert [(c[0], c[2]) for c in calls] == sum(([('net', 8), ('gnet', 8)] if 1 <= i <= 4 else [('net', 8)]
+                                                 for _, i in evals), [])
+    np.testing.assert_allclose([c[1] for c in calls if c[0] == 'gnet'], [s for s, i in evals if 1 <= i <= 4],
+                               rtol=1e-6)
+
+
+# in-situ on (0.5, 30], CFG by null label on (2, 100], autoguidance on (0.05, 1]: over the 11
+# evaluations of 6 steps every subset of the two shared terms is active somewhere.
+INTERVALS = [(0.5, 30.0), (2.0, 100.0), (0.05, 1.0)]
+
+
+def interval_terms(gnet, as_schedules=False):
+    """The three terms with per-term intervals, or (the previous behaviour: every guide runs at
+    every evaluation) with the same intervals written as weight schedules w·[lo < σ ≤ hi]."""
+    def term(w, lo_hi, **kw):
+        if as_schedules:
+            return G.Term(G.Schedule.constant(list(lo_hi), [0.0, w, 0.0]), **kw)
+        return G.Term(w, interval=G.Interval.sigmas(*lo_hi), **kw)
+    return [term(0.5, INTERVALS[0], dropout_rate=0.2, perturb='decoder'), term(0.3, INTERVALS[1], null_label=True),
+            term(0.4, INTERVALS[2], guide=gnet)]
+
+
+def expected_calls(fusion, evals):
+    calls = []
+    for s, _ in evals:
+        a = [int(lo < s <= hi) for lo, hi in INTERVALS]
+        if fusion == 'unfused':
+            calls += [('net', 8)] + [('net', 8)] * (a[0] + a[1])
+        else:  # one fused pass over the active shared terms: paired (in-situ alone) or [x; x; …]
+            calls.append(('net.paired', 8) if a[0] and not a[1] else ('net', 8 * (1 + a[0] + a[1])))
+        calls += [('gnet', 8)] * a[2]
+    return calls
+
+
+@pytest.mark.parametrize('fusion', ['prefix', 'unfused'])
+def test_per_term_intervals_skip_inactive_passes(nets, batch, fusion):
+    """Fused shared terms (lax.switch over the active subset) and separate passes (lax.cond) run only
+    while active; the result equals the previous behaviour (all guides at every evaluation, the
+    intervals as 0/w weight schedules): bit for bit unfused, within batch-size rounding fused."""
+    net, gnet = nets
+    steps = 6
+
+    def run(as_schedules):
+        return run_recorded(lambda: S.sample(net, batch.noise, batch.class_labels, method='sum',
+                                             terms=interval_terms(gnet, as_schedules), fusion=fusion,
+                                             num_steps=steps, keys=batch.keys))
+    (gated, calls), (previous, previous_calls) = run(False), run(True)
+    evals = heun_evals(steps)
+    assert [(c[0], c[2]) for c in calls] == expected_calls(fusion, evals)
+    every = [('net', 24), ('gnet', 8)] if fusion == 'prefix' else [('net', 8)] * 3 + [('gnet', 8)]
+    assert [(c[0], c[2]) for c in previous_calls] == every * len(evals)
+    if fusion == 'unfused':
+        np.testing.assert_array_equal(gated, previous)
+    else:
+        assert_close(gated, previous)
+    assert np.abs(gated - run_recorded(lambda: S.sample(net, batch.noise, batch.class_labels,
+                                                        num_steps=steps))[0]).max() > 1e-2
+
+
+def test_beyond_the_switch_cap_the_fused_pass_runs_whole_or_not(nets, batch, monkeypatch):
+    """With more gated shared terms than MAX_SWITCH_TERMS: all shared guides while any is active,
+    the main pass alone while none is."""
+    monkeypatch.setattr(G, 'MAX_SWITCH_TERMS', 1)
+    net, gnet = nets
+    inputs = S.SeedInputs(*(a[:4] for a in batch))  # another shape: a fresh trace under the cap
+    out, calls = run_recorded(lambda: S.sample(net, inputs.noise, inputs.class_labels, method='sum',
+                                               terms=interval_terms(gnet)[:2], fusion='fused', num_steps=6,
+                                               keys=inputs.keys))
+    on = [any(lo < s <= hi for lo, hi in INTERVALS[:2]) for s, _ in heun_evals(6)]
+    assert [(c[0], c[2]) for c in calls] == [('net', 12 if a else 4) for a in on]
+    reference = run_recorded(lambda: S.sample(net, inputs.noise, inputs.class_labels, method='sum',
+                                              terms=interval_terms(gnet, True)[:2], fusion='fused',
+                                              num_steps=6, keys=inputs.keys))[0]
+    assert_close(out, reference)

@@ -39,6 +39,10 @@ class Recorded:
         self._log(self.name + '.paired', x, sigma)
         return self.net.paired(x, sigma, class_labels, **kwargs)
 
+    def stacked(self, x, sigma, class_labels=None, *, copies, **kwargs):
+        self._log(f'{self.name}.stacked{copies}', x, sigma)
+        return self.net.stacked(x, sigma, class_labels, copies=copies, **kwargs)
+
 
 def run_recorded(fn):
     CALLS.clear()

@@ -2,9 +2,11 @@
 `edm2_jax.sampling` (toy2d-spec §3, §9).
 
 A `Method` is a list of guidance terms D = D_main + Σ_i w_i (D_main − D_guide_i); each term names its
-guide model ('main' for the main model itself, i.e. in-situ, or another model id such as 'ag', 'cfg')
-and an optional dropout rate p (number or σ-Schedule) applied to that guide's hidden activations with
-a fresh key per sample and evaluation. Numbers are traced, so a (w, p) grid compiles once per shape.
+guide model ('main' for the main model itself, i.e. self-guidance, or another model id such as 'ag',
+'cfg'), an optional dropout rate p (number or σ-Schedule) applied to that guide's hidden activations
+with a fresh key per sample and evaluation, and optional `edm2_jax.perturb` perturbations of the guide
+(the MLP's kinds: dropout, skip of hidden layers, sigma_shift; see `toy.model`), strengths numbers or
+σ-Schedules. Numbers are traced, so a (w, p) or (w, δ) grid compiles once per shape.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ class Term(NamedTuple):
     guide: str                 # 'main' (in-situ) or a model id
     weight: Any                # w: number or guidance.Schedule
     rate: Any = None           # dropout p in the guide: None, number or guidance.Schedule
+    perturbation: Any = None   # None or perturb.Perturbation(s) of the guide (toy.model.KINDS)
 
 
 class Method(NamedTuple):
@@ -40,27 +43,32 @@ class Model(NamedTuple):
     config: model_lib.ToyConfig
 
 
-def _model_denoiser(config, params, rate):
+def _model_denoiser(config, params, rate, perturbation=()):
     def denoise(x, sigma, step, keys):
-        if rate is None:
-            return model_lib.denoise(params, config, x, sigma)
-        p = G.value_at(rate, sigma, jnp.float32)
-        return model_lib.denoise(params, config, x, sigma, dropout_rate=p, dropout_keys=keys)
+        kwargs = {}
+        if rate is not None:
+            kwargs = dict(dropout_rate=G.value_at(rate, sigma, jnp.float32), dropout_keys=keys)
+        if perturbation:
+            if any(p.kind == 'dropout' for p in perturbation):
+                kwargs['dropout_keys'] = keys
+            kwargs['perturbation'] = tuple(p.replace(strength=G.value_at(p.strength, sigma, jnp.float32))
+                                           for p in perturbation)
+        return model_lib.denoise(params, config, x, sigma, **kwargs)
     return denoise
 
 
-def _guided_denoiser(configs, params, weights, rates, interval):
-    """configs/params: main first, then one per term; rates one per term."""
+def _guided_denoiser(configs, params, weights, rates, perturbations, interval):
+    """configs/params: main first, then one per term; rates and perturbations one per term."""
     main = _model_denoiser(configs[0], params[0], None)
-    guides = [_model_denoiser(c, p, r) for c, p, r in zip(configs[1:], params[1:], rates)]
+    guides = [_model_denoiser(c, p, r, q) for c, p, r, q in zip(configs[1:], params[1:], rates, perturbations)]
     if not guides:
         return main
     return G.guide_with(main, guides, list(weights), interval)
 
 
 @functools.partial(jax.jit, static_argnames=('configs', 'path'))
-def _run(params, noise, keys, weights, rates, interval, t_steps, *, configs, path):
-    denoise = _guided_denoiser(configs, params, weights, rates, interval)
+def _run(params, noise, keys, weights, rates, perturbations, interval, t_steps, *, configs, path):
+    denoise = _guided_denoiser(configs, params, weights, rates, perturbations, interval)
     return sampling.heun_loop(denoise, noise, keys, t_steps, return_trajectory=path)
 
 
@@ -77,8 +85,13 @@ def check_method(method: Method, models: dict[str, Model]):
     for t in method.terms:
         if t.guide != 'main' and t.guide not in models:
             raise ValueError(f'{method.name}: unknown guide model {t.guide!r} (have {sorted(models)})')
-        if t.guide == 'main' and t.rate is None:
-            raise ValueError(f'{method.name}: the main model as its own guide needs a dropout rate')
+        if t.guide == 'main' and t.rate is None and not t.perturbation:
+            raise ValueError(f'{method.name}: the main model as its own guide needs a dropout rate or a '
+                             'perturbation')
+        if t.perturbation:
+            perturbations = model_lib.resolve_perturbation(models[t.guide].config, t.perturbation)
+            if t.rate is not None and any(p.kind == 'dropout' for p in perturbations):
+                raise ValueError(f'{method.name}: give dropout either as rate or as a perturbation, not both')
         rates = G.concrete_values(t.rate) if t.rate is not None else None
         if rates is not None and not np.all((rates >= 0) & (rates < 1)):
             raise ValueError(f'{method.name}: dropout rate must lie in [0, 1), got {rates}')
@@ -93,8 +106,11 @@ def _inputs(method: Method, models: dict[str, Model]):
     params = tuple(m.params for m in chosen)
     weights = tuple(G.cast_value(t.weight, jnp.float32) for t in method.terms)
     rates = tuple(None if t.rate is None else G.cast_value(t.rate, jnp.float32) for t in method.terms)
+    perturbations = tuple(tuple(p.replace(strength=G.cast_value(p.strength, jnp.float32))
+                                for p in model_lib.resolve_perturbation(c, t.perturbation))
+                          for c, t in zip(configs[1:], method.terms))
     interval = None if method.interval is None else G.Interval.sigmas(*method.interval)
-    return configs, params, weights, rates, interval
+    return configs, params, weights, rates, perturbations, interval
 
 
 def time_steps(sigma_max: float = SIGMA_MAX, num_steps: int = NUM_STEPS):
@@ -115,5 +131,6 @@ def sample(method: Method, models: dict[str, Model], noise, keys, t_steps=None, 
     t_steps = time_steps() if t_steps is None else t_steps
     if method.name == 'exact_ode':
         return _run_exact(noise, t_steps, path=trajectory)
-    configs, params, weights, rates, interval = _inputs(method, models)
-    return _run(params, noise, keys, weights, rates, interval, t_steps, configs=configs, path=trajectory)
+    configs, params, weights, rates, perturbations, interval = _inputs(method, models)
+    return _run(params, noise, keys, weights, rates, perturbations, interval, t_steps, configs=configs,
+                path=trajectory)

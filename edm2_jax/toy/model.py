@@ -2,6 +2,17 @@
 u = x / sqrt(σ_d² + σ²), with keyed per-example dropout on its hidden activations (the same
 `edm2_jax.layers.dropout` as the EDM2 network, so in-situ guidance applies unchanged).
 
+Layers: y_0 = [u, ln σ / 4, 1] W_0, then for i = 1 … L (L = num_layers)
+y_i = drop_i(silu_mp(y_{i−1})) W_i; y_L is the readout's input. The call-time perturbations of the
+self-guidance family that make sense for an MLP take the `edm2_jax.perturb.Perturbation` spec
+(`perturbation=`, strengths per example, 0 = the plain model bit for bit); `where` names layers i:
+- `dropout(p)`: dropout with rate p on the activations entering the layers `where` (default all,
+  i = 1 … L; the same masks as `dropout_rate`: key fold_in(key, i));
+- `skip`: the hidden layers `where` (1 ≤ i < L, where the widths match) output their input
+  unchanged, y_i = y_{i−1} (activation, dropout and W_i removed). Strength 1 = on, 0 = off.
+  Default: the middle hidden layer L // 2;
+- `sigma_shift(δ)`: the whole denoiser (preconditioning and energy included) at σ·(1 + δ).
+
 Two readouts:
 * 'energy' (the paper's): log p̂ = gain · mean(y²) / σ − ½‖u‖², score = ∇ₓ log p̂ by autodiff,
   D = x + σ² score. Quadratic in the last features, so a model *trained* with dropout is biased with
@@ -16,10 +27,14 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from edm2_jax import perturb as P
+from edm2_jax.guidance import concrete_values
 from edm2_jax.layers import dropout, mp_silu, normalize
 
 READOUTS = ('energy', 'denoiser')
+KINDS = ('dropout', 'skip', 'sigma_shift')  # the perturbations an MLP has
 
 
 class ToyConfig(NamedTuple):
@@ -57,16 +72,68 @@ def _layer_keys(keys, layer):
     return jax.vmap(lambda k: jax.random.fold_in(k, layer))(keys)
 
 
-def _features(params, config, x, sigma, dropout_rate, dropout_keys):
-    """Last-layer output y [N, out] and the scaled input u."""
+def skippable_layers(config: ToyConfig) -> tuple[int, ...]:
+    """The hidden layers a `skip` may remove: 1 … L−1 (width → width)."""
+    return tuple(range(1, config.num_layers))
+
+
+def resolve_perturbation(config: ToyConfig, perturbation) -> tuple[P.Perturbation, ...]:
+    """None, one `Perturbation` or a sequence → a checked tuple with `where` a frozenset of layer
+    indices (static). Raises ValueError for kinds an MLP lacks, unknown layers, bad strengths."""
+    if perturbation is None:
+        return ()
+    items = (perturbation,) if isinstance(perturbation, P.Perturbation) else tuple(perturbation)
+    out = []
+    for p in items:
+        if not isinstance(p, P.Perturbation):
+            raise TypeError(f'a perturbation must be a perturb.Perturbation, got {type(p).__name__}')
+        if p.kind not in KINDS:
+            raise ValueError(f'the toy MLP supports the perturbations {KINDS}, not {p.kind!r}')
+        P.check_values(p.kind, concrete_values(p.strength))
+        if p.kind == 'sigma_shift':
+            if p.where is not None:
+                raise ValueError('sigma_shift changes the noise level of the whole model; it takes no layers')
+            out.append(p)
+            continue
+        allowed = tuple(range(1, config.num_layers + 1)) if p.kind == 'dropout' else skippable_layers(config)
+        where = p.where
+        if where is None:
+            where = allowed if p.kind == 'dropout' else (config.num_layers // 2,)
+        elif where == 'all':
+            where = allowed
+        elif isinstance(where, str):
+            raise ValueError(f"{p.kind}: the toy's layers are 'all' or indices from {list(allowed)}, got {where!r}")
+        elif isinstance(where, (int, np.integer)):
+            where = (where,)
+        layers = frozenset(int(i) for i in where)
+        if not layers <= set(allowed):
+            raise ValueError(f'{p.kind}: layers {sorted(layers - set(allowed))} do not exist; choose from '
+                             f'{list(allowed)} (num_layers={config.num_layers})')
+        out.append(p.replace(where=layers))
+    if sum(p.kind == 'dropout' for p in out) > 1:
+        raise ValueError('at most one dropout perturbation per call')
+    return tuple(out)
+
+
+def _features(params, config, x, sigma, dropout_rate, dropout_keys, perturbations=()):
+    """Last-layer output y [N, out] and the scaled input u (perturbations: resolved, strengths [N])."""
+    drop = {i: dropout_rate for i in range(1, config.num_layers + 1)} if dropout_keys is not None else {}
+    for p in perturbations:
+        if p.kind == 'dropout':
+            drop = {i: p.strength for i in p.where}
+    skips = [p for p in perturbations if p.kind == 'skip']
     u = x / jnp.sqrt(config.sigma_data ** 2 + jnp.square(sigma))[:, None]
     y = jnp.concatenate([u, (jnp.log(sigma) / 4)[:, None], jnp.ones_like(sigma)[:, None]], axis=1)
     for i, v in enumerate(params['weights']):
+        y_in = y
         if i > 0:
             y = mp_silu(y)
-            if dropout_keys is not None:
-                y = dropout(y, dropout_rate, _layer_keys(dropout_keys, i))
+            if i in drop:
+                y = dropout(y, drop[i], _layer_keys(dropout_keys, i))
         y = y @ (normalize(v, axis=0) / math.sqrt(v.shape[0]))
+        for p in skips:
+            if i in p.where:
+                y = jnp.where(P.rows(p.strength > 0, y), y_in, y)
     return y, u
 
 
@@ -79,24 +146,45 @@ def _check(x, sigma, dropout_keys):
     return sigma
 
 
-def log_density(params, config: ToyConfig, x, sigma, *, dropout_rate=0.0, dropout_keys=None):
+def _prepare(config, x, sigma, dropout_rate, dropout_keys, perturbation):
+    """(σ [N] after any sigma_shift, resolved perturbations with strengths [N])."""
+    sigma = _check(x, sigma, dropout_keys)
+    perturbations = P.check_strengths(resolve_perturbation(config, perturbation), x.shape[0])
+    if any(p.kind == 'dropout' for p in perturbations):
+        if dropout_keys is None:
+            raise ValueError('a dropout perturbation needs dropout_keys (one key per example)')
+        if not (isinstance(dropout_rate, (int, float)) and dropout_rate == 0):
+            raise ValueError('give dropout either as dropout_rate or as a dropout perturbation, not both')
+    for p in perturbations:
+        if p.kind == 'sigma_shift':
+            sigma = sigma * (1 + p.strength)
+    return sigma, perturbations
+
+
+def log_density(params, config: ToyConfig, x, sigma, *, dropout_rate=0.0, dropout_keys=None,
+                perturbation=None):
     """Unnormalised model log-density log p̂(x; σ) [N] (energy readout only)."""
     if config.readout != 'energy':
         raise ValueError("log_density needs the 'energy' readout")
-    sigma = _check(x, sigma, dropout_keys)
-    y, u = _features(params, config, x, sigma, dropout_rate, dropout_keys)
+    sigma, perturbations = _prepare(config, x, sigma, dropout_rate, dropout_keys, perturbation)
+    return _log_density(params, config, x, sigma, dropout_rate, dropout_keys, perturbations)
+
+
+def _log_density(params, config, x, sigma, dropout_rate, dropout_keys, perturbations):
+    y, u = _features(params, config, x, sigma, dropout_rate, dropout_keys, perturbations)
     return params['gain'] * jnp.mean(jnp.square(y), axis=1) / sigma - 0.5 * jnp.sum(jnp.square(u), axis=1)
 
 
-def denoise(params, config: ToyConfig, x, sigma, *, dropout_rate=0.0, dropout_keys=None):
+def denoise(params, config: ToyConfig, x, sigma, *, dropout_rate=0.0, dropout_keys=None, perturbation=None):
     """Denoiser D(x; σ) [N, 2]. x [N, 2]; σ scalar or [N]; dropout_keys a typed key array [N] (one
-    mask per example and layer, held fixed while differentiating the energy); rate scalar or [N]."""
-    sigma = _check(x, sigma, dropout_keys)
+    mask per example and layer, held fixed while differentiating the energy); rate scalar or [N];
+    perturbation: None or `perturb.Perturbation`(s) of the kinds `KINDS` (see the module docstring)."""
+    sigma, perturbations = _prepare(config, x, sigma, dropout_rate, dropout_keys, perturbation)
     if config.readout == 'energy':
-        grad = jax.grad(lambda x_: jnp.sum(log_density(params, config, x_, sigma, dropout_rate=dropout_rate,
-                                                       dropout_keys=dropout_keys)))(x)
+        grad = jax.grad(lambda x_: jnp.sum(_log_density(params, config, x_, sigma, dropout_rate, dropout_keys,
+                                                        perturbations)))(x)
         return x + jnp.square(sigma)[:, None] * grad
-    y, _ = _features(params, config, x, sigma, dropout_rate, dropout_keys)
+    y, _ = _features(params, config, x, sigma, dropout_rate, dropout_keys, perturbations)
     sd2, s2 = config.sigma_data ** 2, jnp.square(sigma)
     c_skip = sd2 / (s2 + sd2)
     c_out = sigma * config.sigma_data / jnp.sqrt(s2 + sd2)

@@ -55,6 +55,7 @@ def _frame(ax, view, title):
 def _save(fig, path):
     path = os.fspath(path)
     fd, tmp = tempfile.mkstemp(suffix='.png', dir=os.path.dirname(path) or '.')
+    os.fchmod(fd, 0o644)  # mkstemp makes 0600 files
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110)
