@@ -25,7 +25,8 @@ from the initialiser's shapes without compiling it.
 Methods: none, cfg, autoguidance, insitu-fused, insitu-unfused, insitu-prefix (dropout everywhere,
 prefix shared), insitu-decoder-prefix, insitu-decoder-fused, the self-guidance family pag, slg, seg, tpg,
 sigma-shift (δ = 0.2), swg (library defaults), and any of them but none with the suffix
-`-interval` (guidance only for σ in `--interval`). The autoguidance guide is a random network of the
+`-interval` (guidance only for σ in `--interval`); insitu-term-interval (in-situ as a `guidance.Term`
+with its own `--interval`). The autoguidance guide is a random network of the
 main configuration with `--guide_channels` channels (default: half the main width).
 """
 from __future__ import annotations
@@ -93,12 +94,17 @@ BASE_METHODS = {
     'tpg': dict(method='tpg'),
     'sigma-shift': dict(method='sigma-shift', strength=0.2),
     'swg': dict(method='swg'),
+    # In-situ as one `guidance.Term` carrying its own interval (`--interval`): costs what
+    # insitu-prefix-interval costs, since per-term intervals skip the inactive guide passes too.
+    'insitu-term-interval': dict(method='sum', fusion='prefix'),
 }
 SAMPLER_FUN = '_sample'  # name of the sampler's jitted function in edm2_jax.sampling (compile events)
 
 
 def method_spec(name: str) -> tuple[dict, bool]:
     """(sample() keyword arguments without the numbers, uses the interval) of a method name."""
+    if name == 'insitu-term-interval':  # the interval is the term's own, not the sampler's
+        return dict(BASE_METHODS[name]), False
     base, interval = (name[:-len('-interval')], True) if name.endswith('-interval') else (name, False)
     if base not in BASE_METHODS or (interval and base == 'none'):
         raise ValueError(f'unknown method {name!r}; choose from {", ".join(BASE_METHODS)} '
@@ -257,6 +263,10 @@ def measure(name, net, guide, inputs, steps, repeats, values, interval, log, inl
             kw['guidance'] = g
         if spec['method'] == 'insitu':
             kw['dropout_rate'] = p
+        if spec['method'] == 'sum':
+            term = G.insitu(g - 1.0, p, 'all').replace(interval=G.Interval.sigmas(*interval))
+            kw.pop('guidance')
+            return main, dict(kw, terms=[term])
         if spec['method'] == 'autoguidance':
             kw['guide'] = guide_net
         if uses_interval:
@@ -305,7 +315,7 @@ def measure(name, net, guide, inputs, steps, repeats, values, interval, log, inl
     if spec['method'] == 'none':
         f_guided = f_eval
     else:
-        term = named_terms(net, spec['method'], guide if spec['method'] == 'autoguidance' else None, g1,
+        term = (G.insitu(g1 - 1.0, p1, 'all'),) if spec['method'] == 'sum' else named_terms(net, spec['method'], guide if spec['method'] == 'autoguidance' else None, g1,
                            p1 if spec['method'] == 'insitu' else 0.0, spec.get('perturb'),
                            strength=spec.get('strength'))
         terms = G.prepare_terms(net, term, jnp.float32)

@@ -69,3 +69,14 @@ def test_sweep_compiles_once(report):
 def test_bad_method_fails_before_compiling(tmp_path):
     proc = run_benchmark(tmp_path, *TINY, '--methods=none,insitu-bogus')
     assert proc.returncode != 0 and 'unknown method' in proc.stderr
+
+
+def test_per_term_interval_costs_like_sampler_interval(tmp_path):
+    # σ interval (1, 100] holds only the first evaluation (σ = 80) of the 2-step schedule [80, 0.002, 0]:
+    # 2S − 1 = 3 main evaluations + 1 guide pass, whether the interval is the sampler's or the term's.
+    out = tmp_path / 'bench.json'
+    proc = run_benchmark(tmp_path, *TINY, '--methods=insitu-prefix-interval,insitu-term-interval',
+                         '--interval=1,100', f'--out={out}')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())['results']
+    assert [r['nfe_per_image'] for r in results] == [2 * STEPS - 1 + 1] * 2
