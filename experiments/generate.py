@@ -257,7 +257,8 @@ def write_atomic(path: Path, write) -> None:
 
 def save_png(path: Path, image) -> None:
     from PIL import Image
-    write_atomic(path, lambda tmp: Image.fromarray(image, 'RGB' if image.shape[-1] == 3 else 'L')
+    image = image if image.shape[-1] == 3 else image[..., 0]  # greyscale [H, W, 1] → 'L'
+    write_atomic(path, lambda tmp: Image.fromarray(image, 'RGB' if image.ndim == 3 else 'L')
                  .save(tmp, format='PNG'))
 
 
@@ -350,8 +351,8 @@ def generate(s: dict, *, multihost_kwargs: dict | None = None, progress: bool = 
                          f'got {s["class_idx"]}')
     guide = None if s['gnet'] is None else checkpoint.load(s['gnet'], mesh).replace(dtype=dtype)
     decoder_meta = checkpoint.read_meta(s['net']).get('decoder')
-    if (decoder_meta or {}).get('type', 'rgb') == 'rgb' and net.config.img_channels != 3:
-        raise ValueError(f"{s['net']}: a pixel-space network must have 3 channels, not "
+    if (decoder_meta or {}).get('type', 'rgb') == 'rgb' and net.config.img_channels not in (1, 3):
+        raise ValueError(f"{s['net']}: a pixel-space network must have 1 (greyscale) or 3 (RGB) channels, not "
                          f'{net.config.img_channels} (is it a latent model converted without its decoder?)')
     vae = None if s['vae'] is None else vae_lib.load(s['vae'], mesh=mesh)
     s['latents_only'] = (decoder_meta or {}).get('type') == 'sd-vae' and vae is None

@@ -123,3 +123,19 @@ def test_self_guidance_method_matches_the_library(tmp_path):
     # Different program shapes (shard_map in the script) round differently on XLA:CPU and the random
     # test network (|x| up to ~12) amplifies that over the steps: ~3e-4 observed.
     np.testing.assert_allclose(ours, np.asarray(direct, jnp.float32).reshape(ours.shape), rtol=0, atol=2e-3)
+
+
+def test_greyscale_network_writes_greyscale_pngs(tmp_path):
+    """A 1-channel pixel model (e.g. Fashion-MNIST) writes 'L' PNGs equal to the decoded raw samples."""
+    from PIL import Image
+    write_tiny_checkpoint(tmp_path / 'net', channels=1)
+    args = ['--seeds=0-1', '--batch=2', '--num_steps=2', '--save_npz', '--noprogress',
+            f'--net={tmp_path / "net"}', f'--outdir={tmp_path / "out"}']
+    r = subprocess.run(_cmd(*args), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for seed in range(2):
+        png = Image.open(tmp_path / 'out' / f'{seed:06d}.png')
+        raw = np.load(tmp_path / 'out' / f'{seed:06d}.npz')['x']
+        assert png.mode == 'L' and png.size == (8, 8) and raw.shape == (8, 8, 1)
+        expected = np.clip(raw[..., 0] * 127.5 + 128, 0, 255).astype(np.uint8)  # EDM2's RGB decode
+        np.testing.assert_array_equal(np.asarray(png), expected)

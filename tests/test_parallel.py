@@ -40,13 +40,13 @@ def test_layout_and_local_rows():
         parallel.Layout(mesh, 0)
 
 
-def write_tiny_checkpoint(path, *, nan=False):
+def write_tiny_checkpoint(path, *, nan=False, channels=3):
     """A tiny conditional pixel-space network (random, non-zero gains) saved as a converted checkpoint;
     nan=True poisons the output gain so every sample is NaN."""
     from conftest import random_network
     from edm2_jax import checkpoint
     from edm2_jax.config import EDM2Config
-    config = EDM2Config(img_resolution=8, img_channels=3, label_dim=10, model_channels=16,
+    config = EDM2Config(img_resolution=8, img_channels=channels, label_dim=10, model_channels=16,
                         channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,))
     net = random_network(config, seed=0)
     if nan:
