@@ -33,9 +33,11 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
 
 def power_beta(t, delta, gamma):
     """Decay of one EMA step: β = (1 − Δ/t)^(γ+1), t = examples seen *after* the step, Δ = step size.
-    β = 0 at the first step (t = Δ), so the EMA starts equal to the weights. Traceable."""
-    t = jnp.asarray(t, jnp.float32)
-    return jnp.power(jnp.maximum(1.0 - delta / t, 0.0), gamma + 1.0)
+    β = 0 at the first step (t = Δ), so the EMA starts equal to the weights. Traceable. Computed as
+    exp((γ+1)·log1p(−Δ/t)): float32 keeps Δ/t to full relative precision at EDM2 scale (t ~ 2³¹
+    images), where 1 − Δ/t would round away ~2⁻²⁵ of it."""
+    ratio = jnp.asarray(delta, jnp.float32) / jnp.asarray(t, jnp.float32)
+    return jnp.exp((gamma + 1.0) * jnp.log1p(-jnp.minimum(ratio, 1.0)))
 
 
 class PowerEMA(NamedTuple):
