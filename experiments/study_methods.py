@@ -1,0 +1,217 @@
+"""The methods of the guidance study (issue 13) and their parameter grids.
+
+A `Method` turns a *setting* (a flat dict of numbers, e.g. {'w': 1.0, 'p': 0.1}) into keyword
+arguments of `sampling.sample`. Within one method every setting has the same static structure (method
+name, perturbed blocks, presence of an interval or schedule), so its whole grid runs through one
+compiled sampler: only traced numbers change. w is the guidance weight (EDM2's g = 1 + w).
+
+The APG row is built last, on top of the guided method with the lowest tuning FD (`apg_method`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+
+from edm2_jax import guidance as G
+from edm2_jax import sampling
+from edm2_jax.config import block_specs
+
+
+class Context(NamedTuple):
+    """What a method can use besides the main network (None where not given)."""
+    config: Any          # the main network's EDM2Config
+    guide: Any = None    # weaker conditional network (autoguidance, hybrid)
+    uncond: Any = None   # unconditional network (CFG)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    grid: tuple[dict, ...]
+    build: Callable[[dict, Context], dict]   # setting → sample() kwargs (method, guidance, guide, …)
+    needs: str | None = None                 # 'guide' | 'uncond' | None
+    interval: tuple[float, float] | None = None  # fixed σ-interval of the guide (for the NFE), if any
+    interval_keys: tuple[str, str] | None = None  # or: the setting's keys holding (σ_lo, σ_hi)
+
+    def guide_interval(self, setting):
+        if self.interval_keys is not None:
+            return tuple(float(setting[k]) for k in self.interval_keys)
+        return self.interval
+
+
+def setting_id(setting: dict) -> str:
+    """A stable, file-name-safe id: 'w=1,p=0.1' (keys in the setting's order); 'default' when empty."""
+    return ','.join(f'{k}={v:g}' for k, v in setting.items()) or 'default'
+
+
+def _grid(**axes) -> tuple[dict, ...]:
+    """The product of the axes (all numbers), as settings in row-major order."""
+    keys = list(axes)
+    return tuple(dict(zip(keys, map(float, values))) for values in itertools.product(*axes.values()))
+
+
+def _g(setting, scale=1.0):
+    return 1.0 + scale * setting['w']
+
+
+# ---------------------------------------------------------------------------------------------------
+# Grids. FULL is what the study runs; QUICK (tests) keeps the structure with one or two points.
+
+FULL = dict(
+    w=(0.25, 0.5, 1.0, 1.5, 2.0, 3.0),
+    w_insitu=(0.25, 0.5, 1.0, 2.0, 3.0),
+    w_small=(0.5, 1.0, 2.0),
+    p=(0.05, 0.1, 0.2, 0.3),
+    p_small=(0.1, 0.2),
+    intervals=((0.28, 5.42), (0.1, 2.0), (0.5, 10.0)),   # σ ranges (Kynkäänniemi et al. 2024 first)
+    shift=(0.1, 0.3, 1.0),
+    schedule_sigmas=(0.2, 20.0),
+    apg_eta=(0.0, 0.5), apg_momentum=(0.0, -0.5), apg_scale=(1.0, 2.0),
+)
+QUICK = dict(
+    w=(0.5, 2.0), w_insitu=(0.5, 2.0), w_small=(1.0,), p=(0.1, 0.3), p_small=(0.2,), intervals=((0.28, 5.42),),
+    shift=(0.3,), schedule_sigmas=(0.2, 20.0), apg_eta=(0.0,), apg_momentum=(0.0, -0.5), apg_scale=(1.0,),
+)
+
+
+def resolution_levels(config) -> dict[str, tuple[str, ...]]:
+    """'RxR' → the names of all blocks (encoder and decoder) whose output has resolution R."""
+    levels: dict[int, list[str]] = {}
+    for s in block_specs(config):
+        if s.kind == 'block':
+            levels.setdefault(s.resolution, []).append(s.name)
+    return {f'{r}x{r}': tuple(names) for r, names in sorted(levels.items(), reverse=True)}
+
+
+def has_attention(config) -> bool:
+    return any(s.num_heads > 0 for s in block_specs(config))
+
+
+def _insitu(perturb):
+    def build(s, ctx):
+        return dict(method='insitu', guidance=_g(s), dropout_rate=s['p'], perturb=perturb)
+    return build
+
+
+def _schedules(s, sigmas):
+    """w(σ) and p(σ), linear in log σ between the two knots, constant beyond."""
+    return (G.Schedule.linear(sigmas, [1 + s['w_lo'], 1 + s['w_hi']]),
+            G.Schedule.linear(sigmas, [s['p_lo'], s['p_hi']]))
+
+
+def schedule_grid(grid) -> tuple[dict, ...]:
+    """σ-schedules of in-situ: (w at low σ, w at high σ, p at low σ, p at high σ). For each base w and
+    p: p rising / falling with σ at constant w, and w concentrated at high / low σ at constant p."""
+    out = []
+    for w in grid['w_small']:
+        for p in grid['p_small']:
+            out += [dict(w_lo=w, w_hi=w, p_lo=p / 4, p_hi=p), dict(w_lo=w, w_hi=w, p_lo=p, p_hi=p / 4),
+                    dict(w_lo=0.0, w_hi=w, p_lo=p, p_hi=p), dict(w_lo=w, w_hi=0.0, p_lo=p, p_hi=p)]
+    return tuple({k: float(v) for k, v in d.items()} for d in out)
+
+
+def all_methods(ctx: Context, quick: bool = False) -> list[Method]:
+    """Every method of the study that the given networks allow (APG comes later, `apg_method`)."""
+    g = QUICK if quick else FULL
+    sig = g['schedule_sigmas']
+    cfg_interval = dict(w=g['w'][-1:] if quick else (1.0, 2.0, 3.0, 4.0))
+    methods = [
+        Method('none', ({},), lambda s, ctx: dict(method='none')),
+        Method('cfg', _grid(w=g['w']), lambda s, ctx: dict(method='cfg', guidance=_g(s), guide=ctx.uncond),
+               needs='uncond'),
+        Method('cfg-interval',
+               tuple({**d, 'lo': lo, 'hi': hi} for d in _grid(**cfg_interval) for lo, hi in g['intervals']),
+               lambda s, ctx: dict(method='cfg', guidance=_g(s), guide=ctx.uncond, interval=(s['lo'], s['hi'])),
+               needs='uncond', interval_keys=('lo', 'hi')),
+        Method('autoguidance', _grid(w=g['w']),
+               lambda s, ctx: dict(method='autoguidance', guidance=_g(s), guide=ctx.guide), needs='guide'),
+        Method('insitu', _grid(w=g['w_insitu'], p=g['p']), _insitu('all')),
+        Method('insitu-encoder', _grid(w=g['w_small'], p=g['p_small']), _insitu('encoder')),
+        Method('insitu-decoder', _grid(w=g['w_small'], p=g['p_small']), _insitu('decoder')),
+    ]
+    for level, names in resolution_levels(ctx.config).items():
+        methods.append(Method(f'insitu-{level}', _grid(w=g['w_small'], p=g['p_small']), _insitu(names)))
+    methods += [
+        Method('insitu-schedule', schedule_grid(g),
+               lambda s, ctx: dict(zip(('guidance', 'dropout_rate'), _schedules(s, sig)), method='insitu')),
+        Method('hybrid', _grid(w=g['w_small'], p=g['p_small']),
+               lambda s, ctx: dict(method='hybrid', guidance=_g(s), guide=ctx.guide, dropout_rate=s['p']),
+               needs='guide'),
+    ]
+    if has_attention(ctx.config):
+        methods.append(Method('pag', _grid(w=g['w'][:4]), lambda s, ctx: dict(method='pag', guidance=_g(s))))
+    methods += [
+        Method('slg', _grid(w=g['w'][:4]), lambda s, ctx: dict(method='slg', guidance=_g(s))),
+        Method('sigma-shift', _grid(w=g['w_small'], delta=g['shift']),
+               lambda s, ctx: dict(method='sigma-shift', guidance=_g(s), strength=s['delta'])),
+        Method('swg', _grid(w=g['w'][:4]), lambda s, ctx: dict(method='swg', guidance=_g(s))),
+    ]
+    return [m for m in methods if m.needs is None or getattr(ctx, m.needs) is not None]
+
+
+def skipped_methods(ctx: Context) -> dict[str, str]:
+    """Methods left out for these networks, with the reason."""
+    out = {}
+    if ctx.uncond is None:
+        out.update({'cfg': 'no unconditional network (--uncond)', 'cfg-interval': 'no --uncond'})
+    if ctx.guide is None:
+        out.update({'autoguidance': 'no guide network (--guide)', 'hybrid': 'no --guide'})
+    if not has_attention(ctx.config):
+        out['pag'] = 'the network has no attention'
+    return out
+
+
+APG_KEYS = ('apg_scale', 'eta', 'momentum')
+
+
+def apg_method(best: Method, best_setting: dict, quick: bool = False) -> Method:
+    """APG (Sadat et al. 2025) on `best` at its tuned setting: the weights scaled by apg_scale (APG
+    tolerates larger w), with projection η and momentum β as the grid; no norm threshold."""
+    g = QUICK if quick else FULL
+    grid = tuple({**best_setting, **d} for d in _grid(apg_scale=g['apg_scale'], eta=g['apg_eta'],
+                                                       momentum=g['apg_momentum']))
+
+    def build(s, ctx):
+        base = {k: v for k, v in s.items() if k not in APG_KEYS}
+        for k in ('w', 'w_lo', 'w_hi'):
+            if k in base:
+                base[k] *= s['apg_scale']
+        kwargs = best.build(base, ctx)
+        kwargs['rule'] = G.APG(eta=s['eta'], threshold=0.0, momentum=s['momentum'])
+        return kwargs
+    return Method(f'apg-{best.name}', grid, build, best.needs, best.interval, best.interval_keys)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cost: network evaluations per image.
+
+def guide_cost(kwargs: dict, config) -> float:
+    """Network evaluations of the guide per guided evaluation, in full-image units: 0 without
+    guidance, 1 for a guide pass, and for sliding windows the crops' total area over the image's."""
+    if kwargs['method'] == 'none':
+        return 0.0
+    if kwargs['method'] == 'swg':
+        from edm2_jax import perturb as P
+        size, stride = P.window_geometry(config, *(kwargs.get('window') or (None, None)))
+        crops = len(P.window_starts(config.img_resolution, size, stride)) ** 2
+        return crops * (size / config.img_resolution) ** 2
+    return 1.0
+
+
+def nfe_per_image(num_steps: int, guide_cost: float, interval=None, sigma_min=0.002, sigma_max=80.0,
+                  rho=7.0) -> float:
+    """Heun: 2N − 1 main evaluations (the last step has no correction); each one inside the guide
+    interval (σ_lo, σ_hi] adds `guide_cost`. The Euler evaluation of step i runs at t_i, its
+    correction at t_{i+1} (no churn). In-situ guides that share the main pass's prefix are counted
+    as full evaluations (an upper bound)."""
+    t = np.asarray(sampling.sigma_steps(num_steps, sigma_min, sigma_max, rho), np.float32)
+    sigmas = np.concatenate([t[:num_steps], t[1:num_steps]])   # Euler evals, then corrections
+    if interval is None:
+        guided = len(sigmas)
+    else:  # compared in float32, as the sampler does
+        lo, hi = np.float32(interval[0]), np.float32(interval[1])
+        guided = int(np.sum((sigmas > lo) & (sigmas <= hi)))
+    return float(len(sigmas) + guide_cost * guided)
