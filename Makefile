@@ -8,7 +8,10 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 FMNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data demo test clean
+CACHE ?= .cache
+FMNIST_PRESETS := fmnist-main fmnist-main-drop fmnist-guide fmnist-uncond
+
+.PHONY: setup data demo test train evaluator study clean
 
 setup: $(VENV)/.installed data
 
@@ -32,6 +35,21 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# The four Fashion-MNIST networks of the guidance study; a run with a done.json is skipped, an
+# interrupted one resumes.
+train: setup $(FMNIST_PRESETS:%=$(CACHE)/fmnist/%/done.json)
+
+$(CACHE)/fmnist/%/done.json:
+	$(PY) -m experiments.train --preset=$* --run_dir=$(CACHE)/fmnist/$*
+
+evaluator: setup
+	$(PY) -m experiments.fmnist_evaluator --cache=$(CACHE)/fmnist/evaluator
+
+# The guidance study (hours on a CPU: see README; STUDY_FLAGS=--dry_run prints its size).
+study: train evaluator
+	$(PY) -m experiments.study --cache=$(CACHE) --std=0.100 --evaluator_cache=$(CACHE)/fmnist/evaluator \
+	    --out=$(CACHE)/study $(STUDY_FLAGS)
 
 clean:
 	rm -rf $(VENV) toy2d_out

@@ -1,0 +1,88 @@
+r"""Post-hoc EMA reconstruction (edm2-spec §6.1): networks of any EMA length from a run's snapshots.
+
+    python -m experiments.phema --in=.cache/fmnist/fmnist-main --std=0.07,0.12 --out=nets
+
+writes one checkpoint.load-able directory per σ_rel, `<out>/network-<σ_rel:.3f>` (with --time,
+`<out>/network-<time:012d>-<σ_rel:.3f>`), reconstructed at the latest snapshot time or at --time
+(images; must be a snapshot time) from every snapshot up to it.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The CLI flags (defined only when run as a script: importing the module defines none)."""
+    flags.DEFINE_string('in', None, 'Run directory of experiments.train (holding snapshots/).')
+    flags.DEFINE_list('std', None, 'Target EMA lengths σ_rel, e.g. 0.07,0.12.')
+    flags.DEFINE_integer('time', None, 'Reconstruct at this many training images (a snapshot time; '
+                         'default the latest).')
+    flags.DEFINE_string('out', None, 'Output directory for the networks.')
+    flags.DEFINE_bool('overwrite', False, 'Replace existing network directories.')
+
+
+def resolve_settings(f) -> dict:
+    """Checked settings (before any snapshot is read), or ValueError."""
+    from edm2_jax.ema import sigma_rel_to_gamma
+    run = getattr(f, 'in')  # 'in' is a Python keyword
+    if run is None or f.out is None or not f.std:
+        raise ValueError('give --in (a run directory), --std (EMA lengths) and --out')
+    try:
+        stds = [float(v) for v in f.std]
+    except ValueError:
+        raise ValueError(f'--std: expected numbers, got {",".join(f.std)!r}') from None
+    if len({f'{s:.3f}' for s in stds}) != len(stds):
+        raise ValueError(f'--std lists a value twice (to 3 decimals): {",".join(f.std)}')
+    for s in stds:
+        sigma_rel_to_gamma(s)  # ValueError names the valid range
+    if not Path(run).is_dir():
+        raise ValueError(f'--in {run} is not a directory')
+    out = Path(f.out)
+    names = [out / dir_name(s, f.time) for s in stds]
+    clash = [str(p) for p in names if p.exists()]
+    if clash and not f.overwrite:
+        raise ValueError(f'{", ".join(clash)} exist (pass --overwrite to replace)')
+    return dict(run=Path(run), stds=stds, time=f.time, out=out, overwrite=f.overwrite)
+
+
+def dir_name(sigma_rel: float, t: int | None) -> str:
+    return f'network-{sigma_rel:.3f}' if t is None else f'network-{t:012d}-{sigma_rel:.3f}'
+
+
+def reconstruct(s: dict) -> dict[float, Path]:
+    """Reconstructs every σ_rel of `s` and writes them; returns {σ_rel: directory}."""
+    from edm2_jax import checkpoint, train_state
+    snaps = train_state.list_snapshots(s['run'])
+    if not snaps:
+        raise ValueError(f'--in {s["run"]} has no EMA snapshots (is it a run directory of experiments.train?)')
+    t = s['time'] if s['time'] is not None else max(sn.t for sn in snaps)
+    nets = train_state.reconstruct_phema(s['run'], s['stds'], t)
+    written = {}
+    for sigma_rel, net in nets.items():
+        dst = s['out'] / dir_name(sigma_rel, s['time'])
+        checkpoint.save(dst, net, source={'run_dir': str(s['run'].absolute()), 'sigma_rel': sigma_rel,
+                                          'images_seen': t}, decoder={'type': 'rgb'}, overwrite=s['overwrite'])
+        written[sigma_rel] = dst
+    return written
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file of every save at INFO
+    try:
+        written = reconstruct(resolve_settings(FLAGS))
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        sys.exit(f'phema: error: {e}')
+    for sigma_rel, path in written.items():
+        print(f'phema: σ_rel {sigma_rel:.3f} → {path}')
+
+
+if __name__ == '__main__':
+    define_flags()
+    app.run(main)
