@@ -257,7 +257,7 @@ def write_atomic(path: Path, write) -> None:
 
 def save_png(path: Path, image) -> None:
     from PIL import Image
-    image = image if image.shape[-1] == 3 else image[..., 0]  # greyscale [H, W, 1] → 'L'
+    image = image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image  # [H, W, 1] → 'L'
     write_atomic(path, lambda tmp: Image.fromarray(image, 'RGB' if image.ndim == 3 else 'L')
                  .save(tmp, format='PNG'))
 

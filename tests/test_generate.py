@@ -129,7 +129,7 @@ def test_greyscale_network_writes_greyscale_pngs(tmp_path):
     """A 1-channel pixel model (e.g. Fashion-MNIST) writes 'L' PNGs equal to the decoded raw samples."""
     from PIL import Image
     write_tiny_checkpoint(tmp_path / 'net', channels=1)
-    args = ['--seeds=0-1', '--batch=2', '--num_steps=2', '--save_npz', '--noprogress',
+    args = ['--seeds=0-1', '--batch=2', '--num_steps=2', '--save_npz', '--noprogress', '--grid=2',
             f'--net={tmp_path / "net"}', f'--outdir={tmp_path / "out"}']
     r = subprocess.run(_cmd(*args), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -139,3 +139,5 @@ def test_greyscale_network_writes_greyscale_pngs(tmp_path):
         assert png.mode == 'L' and png.size == (8, 8) and raw.shape == (8, 8, 1)
         expected = np.clip(raw[..., 0] * 127.5 + 128, 0, 255).astype(np.uint8)  # EDM2's RGB decode
         np.testing.assert_array_equal(np.asarray(png), expected)
+    grid = Image.open(tmp_path / 'out' / 'grid.png')   # 2 images → 2 columns, 1 row
+    assert grid.mode == 'L' and grid.size == (16, 8)
