@@ -15,11 +15,12 @@ FMNIST_PRESETS := fmnist-main fmnist-main-drop fmnist-guide fmnist-uncond
 
 setup: $(VENV)/.installed data
 
+# dinov2: the torch-hub DINOv2 code, reference of the hub-layout converter test (--no-deps: its own
+# requirements pin another torch).
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH) -e '.[test,convert]'
-	# the torch-hub DINOv2 code, the reference of the hub-layout converter test (its own deps pin torch)
 	$(PY) -m pip install -q --no-deps dinov2
 	touch $@
 
