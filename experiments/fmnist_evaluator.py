@@ -29,14 +29,16 @@ from edm2_jax import data
 from edm2_jax.metrics import fmnist
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('cache', None, 'cache directory of the classifier and reference statistics')
-flags.DEFINE_integer('steps', fmnist.TrainSettings.steps, 'classifier training steps')
-flags.DEFINE_integer('batch_size', fmnist.TrainSettings.batch_size, 'classifier training batch size')
-flags.DEFINE_integer('seed', fmnist.TrainSettings.seed, 'classifier training seed')
-flags.DEFINE_integer('num_train', 10000, 'random training images for the floor row')
-flags.DEFINE_list('blur', ['1', '2'], 'Gaussian blur σ (pixels at 28×28)')
-flags.DEFINE_list('noise', ['0.1', '0.3'], 'Gaussian noise σ (fraction of the [0, 255] range)')
-flags.DEFINE_list('resolutions', ['28', '32', '16'], 'generator resolutions to report')
+def define_flags() -> None:
+    """The CLI flags, defined only when run as a script (other scripts share flag names)."""
+    flags.DEFINE_string('cache', None, 'cache directory of the classifier and reference statistics')
+    flags.DEFINE_integer('steps', fmnist.TrainSettings.steps, 'classifier training steps')
+    flags.DEFINE_integer('batch_size', fmnist.TrainSettings.batch_size, 'classifier training batch size')
+    flags.DEFINE_integer('seed', fmnist.TrainSettings.seed, 'classifier training seed')
+    flags.DEFINE_integer('num_train', 10000, 'random training images for the floor row')
+    flags.DEFINE_list('blur', ['1', '2'], 'Gaussian blur σ (pixels at 28×28)')
+    flags.DEFINE_list('noise', ['0.1', '0.3'], 'Gaussian noise σ (fraction of the [0, 255] range)')
+    flags.DEFINE_list('resolutions', ['28', '32', '16'], 'generator resolutions to report')
 
 
 def blur(images, sigma):
@@ -120,4 +122,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    define_flags()
     app.run(main)

@@ -42,28 +42,34 @@ from absl import app, flags, logging
 from experiments import study_methods as SM
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list('main', None, 'Main networks as NAME:DIR (or DIR, named by its folder), comma separated.')
-flags.DEFINE_string('guide', None, 'Guide network directory (autoguidance, hybrid).')
-flags.DEFINE_string('uncond', None, 'Unconditional network directory (CFG).')
-flags.DEFINE_string('cache', None, 'make-train cache root: <cache>/fmnist/<preset>/network-<std>/.')
-flags.DEFINE_string('std', None, 'EMA length of the network-<std> directories under --cache (needed '
-                    'when there are several).')
-flags.DEFINE_string('evaluator_cache', None, 'Directory of the Fashion-MNIST evaluator and its '
-                    'reference statistics (trained there on first use).')
-flags.DEFINE_string('out', None, 'Output directory.')
-flags.DEFINE_bool('quick', False, 'Tiny counts and grids (tests).')
-flags.DEFINE_list('methods', None, 'Only these methods (names as in results.md; apg = the APG row).')
-flags.DEFINE_integer('num_steps', None, 'Sampler steps (default 32; --quick 4).')
-flags.DEFINE_integer('tune_n', None, 'Images per grid point for tuning (default 2000; --quick 20).')
-flags.DEFINE_integer('report_n', None, 'Images per report seed set (default 10000; --quick 20).')
-flags.DEFINE_integer('report_sets', 3, 'Report seed sets (sampling seed offsets).')
-flags.DEFINE_integer('batch', 500, 'Images per sampler call.')
-flags.DEFINE_integer('grid_n', None, 'Images per method grid PNG, a multiple of 10 (default 100; --quick 20).')
-flags.DEFINE_bool('reference', True, 'Also score real training images (the floor row).')
-flags.DEFINE_bool('dry_run', False, 'Only print the plan: settings, images and network evaluations per '
-                  'method (upper bounds), then exit.')
-flags.DEFINE_integer('pr_refs', 0, 'Precision/recall against the features of the first N test images '
-                     '(0 = all 10,000); FD always uses the full test statistics.')
+
+
+def define_flags() -> None:
+    """The CLI flags, defined only when run as a script: tests import this module beside other scripts
+    (experiments.evaluate, …) whose flags share names."""
+    flags.DEFINE_list('main', None, 'Main networks as NAME:DIR (or DIR, named by its folder), comma separated.')
+    flags.DEFINE_string('guide', None, 'Guide network directory (autoguidance, hybrid).')
+    flags.DEFINE_string('uncond', None, 'Unconditional network directory (CFG).')
+    flags.DEFINE_string('cache', None, 'make-train cache root: <cache>/fmnist/<preset>/network-<std>/.')
+    flags.DEFINE_string('std', None, 'EMA length of the network-<std> directories under --cache (needed '
+                        'when there are several).')
+    flags.DEFINE_string('evaluator_cache', None, 'Directory of the Fashion-MNIST evaluator and its '
+                        'reference statistics (trained there on first use).')
+    flags.DEFINE_string('out', None, 'Output directory.')
+    flags.DEFINE_bool('quick', False, 'Tiny counts and grids (tests).')
+    flags.DEFINE_list('methods', None, 'Only these methods (names as in results.md; apg = the APG row).')
+    flags.DEFINE_integer('num_steps', None, 'Sampler steps (default 32; --quick 4).')
+    flags.DEFINE_integer('tune_n', None, 'Images per grid point for tuning (default 2000; --quick 20).')
+    flags.DEFINE_integer('report_n', None, 'Images per report seed set (default 10000; --quick 20).')
+    flags.DEFINE_integer('report_sets', 3, 'Report seed sets (sampling seed offsets).')
+    flags.DEFINE_integer('batch', 500, 'Images per sampler call.')
+    flags.DEFINE_integer('grid_n', None, 'Images per method grid PNG, a multiple of 10 (default 100; --quick 20).')
+    flags.DEFINE_bool('reference', True, 'Also score real training images (the floor row).')
+    flags.DEFINE_bool('dry_run', False, 'Only print the plan: settings, images and network evaluations per '
+                      'method (upper bounds), then exit.')
+    flags.DEFINE_integer('pr_refs', 0, 'Precision/recall against the features of the first N test images '
+                         '(0 = all 10,000); FD always uses the full test statistics.')
+
 
 REPORT_BASE = 10 ** 6
 DATA_ROW = 'real images (train split)'
@@ -606,4 +612,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    define_flags()
     app.run(main)
