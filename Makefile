@@ -35,7 +35,7 @@ demo: setup
 	$(PY) -m experiments.toy2d
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 # The four Fashion-MNIST networks of the guidance study; a run with a done.json is skipped, an
 # interrupted one resumes.
