@@ -10,6 +10,13 @@ import dataclasses
 from typing import NamedTuple
 
 
+def check_fields(cls, d: dict) -> None:
+    """Refuses keys that are not fields of the dataclass `cls` (a config from another version, a typo)."""
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f'unknown {cls.__name__} fields: {unknown}')
+
+
 @dataclasses.dataclass(frozen=True)
 class EDM2Config:
     """Constructor arguments of EDM2's `Precond` + `UNet` + `Block` (spec §1.4–1.6).
@@ -76,10 +83,7 @@ class EDM2Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> EDM2Config:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f'unknown EDM2Config fields: {unknown}')
+        check_fields(cls, d)
         return cls(**d)
 
     def replace(self, **changes) -> EDM2Config:

@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from edm2_jax.config import EDM2Config
+from edm2_jax.config import EDM2Config, check_fields
 from edm2_jax.ema import PowerEMA, sigma_rel_to_gamma
 from edm2_jax.layers import normalize
 from edm2_jax.network import Network
@@ -203,10 +203,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f'unknown TrainConfig fields: {unknown}')
+        check_fields(cls, d)
         d = dict(d)
         if isinstance(d.get('network'), dict):
             d['network'] = EDM2Config.from_dict(d['network'])

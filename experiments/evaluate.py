@@ -27,17 +27,6 @@ PR_METRICS = ('precision', 'recall')
 NPZ_KEYS = ('arr_0', 'samples', 'images')
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('images', None, 'PNG folder or .npz of uint8 [N, H, W, 3] images')
-flags.DEFINE_string('ref', None, 'reference statistics .pkl/.npz, or a reference image folder/.npz')
-flags.DEFINE_list('metrics', ['fid', 'fd_dinov2'], 'fid, fd_dinov2, precision, recall')
-flags.DEFINE_string('detectors', 'checkpoints/detectors', 'output directory of convert.detectors')
-flags.DEFINE_bool('make_ref', False, 'write the statistics of --images to --ref instead of evaluating')
-flags.DEFINE_integer('num_images', 50000, 'images to use (EDM2: 50000); 0 = all')
-flags.DEFINE_integer('seed', 0, 'seed of the random subset when there are more than --num_images')
-flags.DEFINE_integer('batch', 64, 'images per step (all hosts together)')
-flags.DEFINE_integer('pr_k', 3, 'k of the k-NN manifolds for precision/recall')
-flags.DEFINE_string('out', None, 'also write the JSON result here')
-flags.DEFINE_bool('overwrite', False, 'replace an existing --ref with --make_ref')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -209,6 +198,21 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
+def define_flags() -> None:
+    """The CLI flags, defined only when run as a script (tests import several scripts' modules)."""
+    flags.DEFINE_string('images', None, 'PNG folder or .npz of uint8 [N, H, W, 3] images')
+    flags.DEFINE_string('ref', None, 'reference statistics .pkl/.npz, or a reference image folder/.npz')
+    flags.DEFINE_list('metrics', ['fid', 'fd_dinov2'], 'fid, fd_dinov2, precision, recall')
+    flags.DEFINE_string('detectors', 'checkpoints/detectors', 'output directory of convert.detectors')
+    flags.DEFINE_bool('make_ref', False, 'write the statistics of --images to --ref instead of evaluating')
+    flags.DEFINE_integer('num_images', 50000, 'images to use (EDM2: 50000); 0 = all')
+    flags.DEFINE_integer('seed', 0, 'seed of the random subset when there are more than --num_images')
+    flags.DEFINE_integer('batch', 64, 'images per step (all hosts together)')
+    flags.DEFINE_integer('pr_k', 3, 'k of the k-NN manifolds for precision/recall')
+    flags.DEFINE_string('out', None, 'also write the JSON result here')
+    flags.DEFINE_bool('overwrite', False, 'replace an existing --ref with --make_ref')
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -224,4 +228,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    define_flags()
     app.run(main)

@@ -109,7 +109,7 @@ def main(argv):
     result = {'classifier': evaluator.meta, 'fingerprint': evaluator.fingerprint,
               'rows': rows, 'wall_seconds': round(time.time() - start, 1)}
     write_atomic(cache / 'evaluator.json', json.dumps(result, indent=2) + '\n')
-    md = [f'# Fashion-MNIST evaluator\n',
+    md = ['# Fashion-MNIST evaluator\n',
           f'Classifier: {evaluator.meta["architecture"]}; features: {fmnist.FEATURE_DIM}-d pre-ReLU '
           f'penultimate layer. Training: {evaluator.meta["settings"]}, {evaluator.meta["train_seconds"]} s.',
           f'Test accuracy: **{evaluator.test_accuracy:.4f}**.\n',

@@ -30,53 +30,6 @@ SELF_GUIDANCE = ('pag', 'slg', 'seg', 'tpg', 'sigma-shift', 'swg')  # the networ
 METHODS = ('none', 'cfg', 'autoguidance', 'insitu', 'hybrid') + SELF_GUIDANCE
 STOP_ENV = 'EDM2_GENERATE_STOP_AFTER_BATCHES'  # testing: exit abruptly after k batches (a "kill")
 
-flags.DEFINE_string('net', None, 'Converted checkpoint directory of the main network.')
-flags.DEFINE_string('gnet', None, 'Converted checkpoint directory of the guide network (autoguidance, '
-                    'hybrid; optional for cfg: an unconditional network, else the null label).')
-flags.DEFINE_string('preset', None, 'EDM2 preset of generate_images.py (e.g. edm2-img512-s-autog-fid): '
-                    'sets --net/--gnet/--method/--guidance from --checkpoints.')
-flags.DEFINE_string('checkpoints', 'checkpoints', 'Directory holding converted presets, each in a '
-                    'directory named like its NVIDIA pickle without .pkl.')
-flags.DEFINE_string('vae', None, 'Converted SD-VAE directory (python -m convert.vae), for latent models.')
-flags.DEFINE_enum('method', None, METHODS, 'Guidance method (default none).')
-flags.DEFINE_float('guidance', None, "Guidance strength in EDM2's convention g (1 = none); w = g - 1.")
-flags.DEFINE_float('w', None, 'Guidance weight w = g - 1 (alternative to --guidance).')
-flags.DEFINE_float('p', None, 'Dropout rate of the in-situ guide (insitu, hybrid).')
-flags.DEFINE_string('perturb', None, "Blocks with guide dropout: all | encoder | decoder | comma list "
-                    "of block names (e.g. dec.8x8_block0). insitu/hybrid only.")
-flags.DEFINE_float('strength', None, 'Perturbation strength of pag/slg/tpg (1 = on), seg (blur sigma in '
-                   'pixels, default 10) and sigma-shift (delta: the guide sees sigma*(1+delta); required).')
-flags.DEFINE_list('window', None, 'swg window "size,stride" in pixels (default: the library\'s).')
-flags.DEFINE_list('interval', None, 'Guide only for sigma in (lo, hi]: "lo,hi".')
-flags.DEFINE_list('interval_steps', None, 'Guide only at steps start <= i <= stop: "start,stop".')
-flags.DEFINE_enum('fusion', 'prefix', ['prefix', 'fused', 'unfused'], 'How passes of the main '
-                  'network and its in-situ guide run (see guidance.py).')
-flags.DEFINE_integer('num_steps', 32, 'Sampler steps (2N - 1 evaluations per network).')
-flags.DEFINE_float('sigma_min', 0.002, 'Lowest noise level.')
-flags.DEFINE_float('sigma_max', 80.0, 'Highest noise level.')
-flags.DEFINE_float('rho', 7.0, 'Time step exponent.')
-flags.DEFINE_float('S_churn', 0.0, 'Stochasticity strength.')
-flags.DEFINE_float('S_min', 0.0, 'Stochasticity: lowest sigma.')
-flags.DEFINE_float('S_max', float('inf'), 'Stochasticity: highest sigma.')
-flags.DEFINE_float('S_noise', 1.0, 'Stochasticity: noise inflation.')
-flags.DEFINE_string('seeds', '16-19', 'Seeds: ranges and lists as EDM2, e.g. 0-49999 or 1,5,10-19.')
-flags.DEFINE_integer('class', None, 'Class label for every image (default: random per seed).')
-flags.DEFINE_integer('batch', 32, 'Batch size per device.')
-flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Network compute dtype (the sampler '
-                  'itself runs in float32, as EDM2).')
-flags.DEFINE_string('outdir', None, 'Output directory.')
-flags.DEFINE_bool('subdirs', False, 'Put images in {seed//1000*1000:06d}/ subdirectories.')
-flags.DEFINE_integer('grid', 0, 'Also write grid.png of the first N seeds (a quick look).')
-flags.DEFINE_bool('save_npz', False, 'Also write the raw float32 sampler output as {seed:06d}.npz.')
-flags.DEFINE_string('compile_cache', None, "JAX persistent compilation cache directory: a second "
-                    'run of the same configuration starts without recompiling.')
-flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() (multi-host runs).')
-flags.DEFINE_string('coordinator_address', None, 'jax.distributed coordinator host:port (if not '
-                    'auto-detected).')
-flags.DEFINE_integer('num_processes', None, 'jax.distributed process count (if not auto-detected).')
-flags.DEFINE_integer('process_id', None, 'jax.distributed process id (if not auto-detected).')
-flags.DEFINE_bool('progress', True, 'Show a progress bar (process 0).')
-
 
 # ---------------------------------------------------------------------------------------------------
 # EDM2 presets (spec §2.2): name → (net, guide, method, guidance). Files are the NVIDIA pickles'
@@ -480,6 +433,56 @@ def write_grid(outdir: Path, s: dict, count: int) -> None:
     save_png(outdir / 'grid.png', grid)
 
 
+def define_flags() -> None:
+    """The CLI flags, defined only when run as a script (tests import several scripts' modules)."""
+    flags.DEFINE_string('net', None, 'Converted checkpoint directory of the main network.')
+    flags.DEFINE_string('gnet', None, 'Converted checkpoint directory of the guide network (autoguidance, '
+                        'hybrid; optional for cfg: an unconditional network, else the null label).')
+    flags.DEFINE_string('preset', None, 'EDM2 preset of generate_images.py (e.g. edm2-img512-s-autog-fid): '
+                        'sets --net/--gnet/--method/--guidance from --checkpoints.')
+    flags.DEFINE_string('checkpoints', 'checkpoints', 'Directory holding converted presets, each in a '
+                        'directory named like its NVIDIA pickle without .pkl.')
+    flags.DEFINE_string('vae', None, 'Converted SD-VAE directory (python -m convert.vae), for latent models.')
+    flags.DEFINE_enum('method', None, METHODS, 'Guidance method (default none).')
+    flags.DEFINE_float('guidance', None, "Guidance strength in EDM2's convention g (1 = none); w = g - 1.")
+    flags.DEFINE_float('w', None, 'Guidance weight w = g - 1 (alternative to --guidance).')
+    flags.DEFINE_float('p', None, 'Dropout rate of the in-situ guide (insitu, hybrid).')
+    flags.DEFINE_string('perturb', None, "Blocks with guide dropout: all | encoder | decoder | comma list "
+                        "of block names (e.g. dec.8x8_block0). insitu/hybrid only.")
+    flags.DEFINE_float('strength', None, 'Perturbation strength of pag/slg/tpg (1 = on), seg (blur sigma in '
+                       'pixels, default 10) and sigma-shift (delta: the guide sees sigma*(1+delta); required).')
+    flags.DEFINE_list('window', None, 'swg window "size,stride" in pixels (default: the library\'s).')
+    flags.DEFINE_list('interval', None, 'Guide only for sigma in (lo, hi]: "lo,hi".')
+    flags.DEFINE_list('interval_steps', None, 'Guide only at steps start <= i <= stop: "start,stop".')
+    flags.DEFINE_enum('fusion', 'prefix', ['prefix', 'fused', 'unfused'], 'How passes of the main '
+                      'network and its in-situ guide run (see guidance.py).')
+    flags.DEFINE_integer('num_steps', 32, 'Sampler steps (2N - 1 evaluations per network).')
+    flags.DEFINE_float('sigma_min', 0.002, 'Lowest noise level.')
+    flags.DEFINE_float('sigma_max', 80.0, 'Highest noise level.')
+    flags.DEFINE_float('rho', 7.0, 'Time step exponent.')
+    flags.DEFINE_float('S_churn', 0.0, 'Stochasticity strength.')
+    flags.DEFINE_float('S_min', 0.0, 'Stochasticity: lowest sigma.')
+    flags.DEFINE_float('S_max', float('inf'), 'Stochasticity: highest sigma.')
+    flags.DEFINE_float('S_noise', 1.0, 'Stochasticity: noise inflation.')
+    flags.DEFINE_string('seeds', '16-19', 'Seeds: ranges and lists as EDM2, e.g. 0-49999 or 1,5,10-19.')
+    flags.DEFINE_integer('class', None, 'Class label for every image (default: random per seed).')
+    flags.DEFINE_integer('batch', 32, 'Batch size per device.')
+    flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Network compute dtype (the sampler '
+                      'itself runs in float32, as EDM2).')
+    flags.DEFINE_string('outdir', None, 'Output directory.')
+    flags.DEFINE_bool('subdirs', False, 'Put images in {seed//1000*1000:06d}/ subdirectories.')
+    flags.DEFINE_integer('grid', 0, 'Also write grid.png of the first N seeds (a quick look).')
+    flags.DEFINE_bool('save_npz', False, 'Also write the raw float32 sampler output as {seed:06d}.npz.')
+    flags.DEFINE_string('compile_cache', None, "JAX persistent compilation cache directory: a second "
+                        'run of the same configuration starts without recompiling.')
+    flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() (multi-host runs).')
+    flags.DEFINE_string('coordinator_address', None, 'jax.distributed coordinator host:port (if not '
+                        'auto-detected).')
+    flags.DEFINE_integer('num_processes', None, 'jax.distributed process count (if not auto-detected).')
+    flags.DEFINE_integer('process_id', None, 'jax.distributed process id (if not auto-detected).')
+    flags.DEFINE_bool('progress', True, 'Show a progress bar (process 0).')
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -503,4 +506,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    define_flags()
     app.run(main)

@@ -29,6 +29,7 @@ from pathlib import Path
 from absl import app, flags, logging
 
 from edm2_jax.train_presets import EXPORT_SIGMA_RELS, PRESET_DATA, TRAIN_PRESETS
+from experiments.cpu_convolutions import use_eigen_convolutions
 
 FLAGS = flags.FLAGS
 RUN_FORMAT = 'edm2-jax-train-run'
@@ -57,7 +58,7 @@ def define_flags() -> None:
                       "saving anything (as a killed process), 'save' writes a training state first.")
     flags.DEFINE_bool('progress', True, 'Show a progress bar.')
     flags.DEFINE_bool('cpu_conv_via_eigen', True, 'On XLA:CPU (jaxlib 0.10), run convolutions through '
-                      'Eigen instead of YNNPACK (~2× faster training steps; see CPU_CONV_FLAG).')
+                      'Eigen instead of YNNPACK (~2× faster training steps; experiments/cpu_convolutions.py).')
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -344,19 +345,6 @@ def train(s: dict) -> dict:
     return summary
 
 
-# XLA:CPU (jaxlib 0.10) runs convolutions through YNNPACK, whose weight-gradient convolutions (a window
-# as large as the image) are ~2× slower per training step than Eigen's on small nets; keep YNNPACK for
-# dots only. Set before jax initialises; an explicit XLA_FLAGS setting of the same option wins.
-CPU_CONV_FLAG = '--xla_cpu_experimental_ynn_fusion_type=individual_dot'
-
-
-def _cpu_conv_via_eigen() -> None:
-    import jaxlib.version
-    current = os.environ.get('XLA_FLAGS', '')
-    if jaxlib.version.__version__.startswith('0.10.') and 'ynn_fusion_type' not in current:
-        os.environ['XLA_FLAGS'] = f'{current} {CPU_CONV_FLAG}'.strip()
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -364,7 +352,7 @@ def main(argv):
     try:
         s = resolve_settings(FLAGS)
         if FLAGS.cpu_conv_via_eigen:
-            _cpu_conv_via_eigen()
+            use_eigen_convolutions()
         import jax
         if s['devices'] and s['devices'] > 1:
             jax.config.update('jax_num_cpu_devices', s['devices'])  # CPU only; accelerators ignore it

@@ -208,8 +208,10 @@ def test_config_roundtrip_and_validation():
                 dict(label_dropout=0.1), dict(network=NET.replace(dropout=0.2))):
         with pytest.raises(ValueError):
             CFG.replace(**bad)
-    with pytest.raises(ValueError, match='unknown'):
+    with pytest.raises(ValueError, match='unknown TrainConfig fields'):
         T.TrainConfig.from_dict({**d, 'lr': 1})
+    with pytest.raises(ValueError, match=r"unknown EDM2Config fields: \['model_chans'\]"):
+        T.TrainConfig.from_dict({**d, 'network': {**d['network'], 'model_chans': 8}})
 
 
 def test_step_rejects_bad_batches():
