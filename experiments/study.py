@@ -22,7 +22,7 @@ real training images scored the same way gives the floor.
 Resumable: every (model, method, setting, seed set) result is its own JSON file under
 OUT/runs/, written atomically; a rerun skips the files that exist. Outputs: OUT/results.json
 (model → method → setting → metrics), OUT/results.md (each method at its tuned point, with network
-evaluations per image), OUT/plots/ (FD vs recall per method over its grid; the in-situ (w, p) heat
+evaluations per image and the paired difference to no guidance on the shared report seeds), OUT/plots/ (FD vs recall per method over its grid; the in-situ (w, p) heat
 map) and OUT/grids/<model>/<method>.png (the first report seeds at the tuned point, one class per
 column, the same seeds for every method).
 """
@@ -290,7 +290,21 @@ def run_model(runner: Runner, model: str, net, ctx: SM.Context, only=None) -> di
                 e['report'] = report_summary(report)
                 e['nonfinite_samples'] = sum(x['nonfinite_samples'] for x in report)
             out[name][r['setting_id']] = e
+    add_paired_differences(out)
     return out
+
+
+def add_paired_differences(methods: dict) -> None:
+    """Each tuned report gains `vs_none`: per metric, (method − none) on each report set. The sets'
+    seeds are shared by all methods, so the paired difference is free of the sets' own variation,
+    which dominates the ± std of either row at small sample counts."""
+    if 'none' not in methods:
+        return
+    base = tuned_entry(methods['none'])[1]['report']
+    for entry in methods.values():
+        e = tuned_entry(entry)[1]
+        e['vs_none'] = {k: summarize(np.subtract(s['values'], base[k]['values']).tolist())
+                        for k, s in e['report'].items()}
 
 
 def plan(models: dict, ctx_of: Callable, p: Protocol, only=None) -> list[dict]:
@@ -365,25 +379,35 @@ def _pm(s: dict, digits: int) -> str:
     return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
 
 
+def _paired(e: dict, metric: str) -> str:
+    d = e.get('vs_none', {}).get(metric)
+    if d is None:
+        return '–'
+    return f"{d['mean']:+.2f} ({', '.join(f'{v:+.2f}' for v in d['values'])})"
+
+
 def results_markdown(results: dict, protocol: Protocol) -> str:
     p = protocol
     lines = [f'Heun {p.num_steps} steps; tuned on {p.tune_n} images (seeds 0–{p.tune_n - 1}), reported '
              f'on {p.report_sets} × {p.report_n} other images (mean ± std over the sets); requested '
              'label = seed mod 10. w is the guidance weight (g = 1 + w). NFE: network evaluations per '
              'image.', '']
-    head = '| method | tuned setting | FD-FMNIST ↓ | precision ↑ | recall ↑ | class acc. ↑ | NFE | tune FD |'
+    lines += ['ΔFD vs none: the paired difference (method − none) on each report set, which share their '
+              'seeds: mean, then the per-set values.', '']
+    head = ('| method | tuned setting | FD-FMNIST ↓ | ΔFD vs none | precision ↑ | recall ↑ | class acc. ↑ | NFE '
+            '| tune FD |')
     for model, methods in results['models'].items():
-        lines += [f'### {model}', '', head, '|' + '---|' * 8]
+        lines += [f'### {model}', '', head, '|' + '---|' * 9]
         if model in results['data']:
             d = results['data'][model]
-            lines.append(f'| {DATA_ROW} | – | {_pm(d["fd_fmnist"], 2)} | {_pm(d["precision"], 3)} | '
+            lines.append(f'| {DATA_ROW} | – | {_pm(d["fd_fmnist"], 2)} | – | {_pm(d["precision"], 3)} | '
                          f'{_pm(d["recall"], 3)} | {_pm(d["class_accuracy"], 3)} | – | – |')
         for name, entry in methods.items():
             sid, e = tuned_entry(entry)
             r = e['report']
-            lines.append(f'| {name} | {sid} | {_pm(r["fd_fmnist"], 2)} | {_pm(r["precision"], 3)} | '
-                         f'{_pm(r["recall"], 3)} | {_pm(r["class_accuracy"], 3)} | {e["nfe_per_image"]:g} | '
-                         f'{e["tune"]["fd_fmnist"]:.2f} |')
+            lines.append(f'| {name} | {sid} | {_pm(r["fd_fmnist"], 2)} | {_paired(e, "fd_fmnist")} | '
+                         f'{_pm(r["precision"], 3)} | {_pm(r["recall"], 3)} | {_pm(r["class_accuracy"], 3)} | '
+                         f'{e["nfe_per_image"]:g} | {e["tune"]["fd_fmnist"]:.2f} |')
         skipped = results['meta']['skipped'].get(model) or {}
         if skipped:
             lines += ['', 'Skipped: ' + '; '.join(f'{k} ({v})' for k, v in skipped.items()) + '.']

@@ -90,6 +90,13 @@ def test_results_structure_and_protocol(study_run):
             assert np.isclose(s['mean'], np.mean(s['values'])) and np.isclose(s['std'], np.std(s['values'], ddof=1))
             assert np.all(np.isfinite(s['values']))
     assert len(methods['insitu']) == 4                             # the quick (w, p) grid
+    none = tuned_report(methods['none'])
+    for entry in methods.values():                                 # paired differences per report set
+        for k, d in tuned_entry(entry)['vs_none'].items():
+            want = np.array(tuned_report(entry)[k]['values']) - np.array(none[k]['values'])
+            np.testing.assert_allclose(d['values'], want, atol=1e-12)
+            assert np.isclose(d['mean'], want.mean()) and np.isclose(d['std'], np.std(want, ddof=1))
+    assert all(v == 0 for v in tuned_entry(methods['none'])['vs_none']['fd_fmnist']['values'])
     # Real images beat samples of a random network on every method (a robust ordering).
     floor = res['data']['main']['fd_fmnist']['mean']
     assert all(floor < tuned_report(e)['fd_fmnist']['mean'] for e in methods.values())
