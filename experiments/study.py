@@ -15,15 +15,16 @@ Protocol, the same for every method: Heun with --num_steps steps; requested labe
 (balanced). Each setting of a method's grid is scored on the tuning seeds 0 … tune_n − 1; the
 setting with the lowest FD-FMNIST is the tuned point, which is then scored on --report_sets disjoint
 seed sets of report_n images (seeds 10⁶·k + i, k = 1, 2, …) and reported as mean ± std (ddof 1).
-APG runs last, on the guided method with the lowest tuning FD. Metrics come from
+The in-situ σ-schedules move in-situ's tuned (w, p) across σ, and APG runs last, on the guided
+method with the lowest tuning FD. Metrics come from
 `edm2_jax.metrics.fmnist.evaluate_images` (FD-FMNIST, precision, recall, class accuracy); a row of
 real training images scored the same way gives the floor.
 
 Resumable: every (model, method, setting, seed set) result is its own JSON file under
 OUT/runs/, written atomically; a rerun skips the files that exist. Outputs: OUT/results.json
 (model → method → setting → metrics), OUT/results.md (each method at its tuned point, with network
-evaluations per image and the paired difference to no guidance on the shared report seeds), OUT/plots/ (FD vs recall per method over its grid; the in-situ (w, p) heat
-map) and OUT/grids/<model>/<method>.png (the first report seeds at the tuned point, one class per
+evaluations per image and the paired difference to no guidance on the shared report seeds),
+OUT/plots/ (FD vs recall per method over its grid; the in-situ (w, p) heat map) and OUT/grids/<model>/<method>.png (the first report seeds at the tuned point, one class per
 column, the same seeds for every method).
 """
 from __future__ import annotations
@@ -75,6 +76,7 @@ def define_flags() -> None:
 
 
 REPORT_BASE = 10 ** 6
+SCHEDULE = 'insitu-schedule'   # derived from the tuned 'insitu' point, which it therefore also runs
 DATA_ROW = 'real images (train split)'
 METRICS = ('fd_fmnist', 'precision', 'recall', 'class_accuracy')
 
@@ -265,19 +267,23 @@ def report_summary(results: list[dict]) -> dict:
 
 def run_model(runner: Runner, model: str, net, ctx: SM.Context, only=None) -> dict:
     """Tunes and reports every method for one main network; returns method → its entry."""
-    methods = [m for m in SM.all_methods(ctx, runner.p.quick) if only is None or m.name in only]
+    wanted = lambda name: only is None or name in only  # noqa: E731
+    methods = [m for m in SM.all_methods(ctx, runner.p.quick)
+               if wanted(m.name) or (m.name == 'insitu' and wanted(SCHEDULE))]
     entries, tuned = {}, {}
+
+    def tune(m):
+        results = [runner.result(model, net, ctx, m, s, 'tune') for s in m.grid]
+        tuned[m.name] = (m, m.grid[tuned_index(results)])
+        entries[m.name] = results
     for m in methods:
-        tune = [runner.result(model, net, ctx, m, s, 'tune') for s in m.grid]
-        tuned[m.name] = (m, m.grid[tuned_index(tune)])
-        entries[m.name] = tune
+        tune(m)
+    if wanted(SCHEDULE):
+        tune(SM.schedule_method(tuned['insitu'][1], quick=runner.p.quick))
     guided = [n for n in entries if n != 'none']
-    if guided and (only is None or 'apg' in only):
+    if guided and wanted('apg'):
         best = min(guided, key=lambda n: min(_fd(r) for r in entries[n]))
-        m = SM.apg_method(*tuned[best], quick=runner.p.quick)
-        tune = [runner.result(model, net, ctx, m, s, 'tune') for s in m.grid]
-        tuned[m.name] = (m, m.grid[tuned_index(tune)])
-        entries[m.name] = tune
+        tune(SM.apg_method(*tuned[best], quick=runner.p.quick))
     out = {}
     for name, (m, best_setting) in tuned.items():
         report = [runner.result(model, net, ctx, m, best_setting, k) for k in runner.p.report_names]
@@ -315,6 +321,9 @@ def plan(models: dict, ctx_of: Callable, p: Protocol, only=None) -> list[dict]:
     for name, net in models.items():
         ctx = ctx_of(net)
         methods = [m for m in SM.all_methods(ctx, p.quick) if only is None or m.name in only]
+        if only is None or SCHEDULE in only:   # its grid size and cost do not depend on the base point
+            base = next(m for m in SM.all_methods(ctx, p.quick) if m.name == 'insitu').grid[0]
+            methods.append(SM.schedule_method(base, p.quick))
         costs = {}
         for m in methods:
             costs[m.name] = [SM.nfe_per_image(p.num_steps, SM.guide_cost(m.build(s, ctx), ctx.config),
@@ -335,7 +344,7 @@ def plan(models: dict, ctx_of: Callable, p: Protocol, only=None) -> list[dict]:
 
 def check_methods(models: dict, ctx_of: Callable, only, quick: bool) -> None:
     if only is not None:
-        known = {'apg'} | {m.name for net in models.values() for m in SM.all_methods(ctx_of(net), quick)}
+        known = {'apg', SCHEDULE} | {m.name for net in models.values() for m in SM.all_methods(ctx_of(net), quick)}
         if set(only) - known:
             raise ValueError(f'unknown methods {sorted(set(only) - known)}; known: {sorted(known)}')
 
@@ -394,8 +403,8 @@ def results_markdown(results: dict, protocol: Protocol) -> str:
              'image.', '']
     lines += ['ΔFD vs none: the paired difference (method − none) on each report set, which share their '
               'seeds: mean, then the per-set values.', '']
-    head = ('| method | tuned setting | FD-FMNIST ↓ | ΔFD vs none | precision ↑ | recall ↑ | class acc. ↑ | NFE '
-            '| tune FD |')
+    head = ('| method | tuned setting | FD-FMNIST ↓ | ΔFD vs none | precision ↑ | recall ↑ | class acc. ↑ '
+            '| NFE | tune FD |')
     for model, methods in results['models'].items():
         lines += [f'### {model}', '', head, '|' + '---|' * 9]
         if model in results['data']:

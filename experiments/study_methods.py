@@ -5,7 +5,9 @@ arguments of `sampling.sample`. Within one method every setting has the same sta
 name, perturbed blocks, presence of an interval or schedule), so its whole grid runs through one
 compiled sampler: only traced numbers change. w is the guidance weight (EDM2's g = 1 + w).
 
-The APG row is built last, on top of the guided method with the lowest tuning FD (`apg_method`).
+Two rows are derived from tuned points: the in-situ σ-schedules move the tuned in-situ strength
+across σ (`schedule_method`), and APG runs last, on top of the guided method with the lowest tuning
+FD (`apg_method`).
 """
 from __future__ import annotations
 
@@ -104,21 +106,37 @@ def _schedules(s, sigmas):
             G.Schedule.linear(sigmas, [s['p_lo'], s['p_hi']]))
 
 
-def schedule_grid(grid) -> tuple[dict, ...]:
-    """σ-schedules of in-situ: (w at low σ, w at high σ, p at low σ, p at high σ). For each base w and
-    p: p rising / falling with σ at constant w, and w concentrated at high / low σ at constant p."""
+SCHEDULE_SCALES = (1.0, 2.0)
+
+
+def schedule_grid(base: dict, scales=SCHEDULE_SCALES) -> tuple[dict, ...]:
+    """σ-schedules of in-situ around its tuned point base = {w, p}: (w at low σ, w at high σ, p at low
+    σ, p at high σ). Per scale s: p rising / falling with σ (s·p at one end, p/4 at the other, w
+    constant) and w only at high / only at low σ (s·w at that end, 0 at the other, p constant).
+    Moving the same strength across σ answers which noise levels carry the benefit; s = 2
+    compensates for the half of the σ range that is switched off."""
+    w, p = base['w'], base['p']
     out = []
-    for w in grid['w_small']:
-        for p in grid['p_small']:
-            out += [dict(w_lo=w, w_hi=w, p_lo=p / 4, p_hi=p), dict(w_lo=w, w_hi=w, p_lo=p, p_hi=p / 4),
-                    dict(w_lo=0.0, w_hi=w, p_lo=p, p_hi=p), dict(w_lo=w, w_hi=0.0, p_lo=p, p_hi=p)]
+    for k in scales:
+        kp = min(k * p, 0.9)
+        out += [dict(w_lo=w, w_hi=w, p_lo=p / 4, p_hi=kp), dict(w_lo=w, w_hi=w, p_lo=kp, p_hi=p / 4),
+                dict(w_lo=0.0, w_hi=k * w, p_lo=p, p_hi=p), dict(w_lo=k * w, w_hi=0.0, p_lo=p, p_hi=p)]
     return tuple({k: float(v) for k, v in d.items()} for d in out)
 
 
+def schedule_method(base: dict, quick: bool = False) -> Method:
+    """In-situ with σ-schedules of w and p (linear in log σ between the knots), built on the tuned
+    setting of 'insitu' (so it runs after it, like APG)."""
+    sigmas = (QUICK if quick else FULL)['schedule_sigmas']
+    grid = schedule_grid(base, SCHEDULE_SCALES[:1] if quick else SCHEDULE_SCALES)
+    return Method('insitu-schedule', grid,
+                  lambda s, ctx: dict(zip(('guidance', 'dropout_rate'), _schedules(s, sigmas)), method='insitu'))
+
+
 def all_methods(ctx: Context, quick: bool = False) -> list[Method]:
-    """Every method of the study that the given networks allow (APG comes later, `apg_method`)."""
+    """Every method of the study that the given networks allow; 'insitu-schedule' and APG are derived
+    from tuned points later (`schedule_method`, `apg_method`)."""
     g = QUICK if quick else FULL
-    sig = g['schedule_sigmas']
     cfg_interval = dict(w=g['w'][-1:] if quick else (1.0, 2.0, 3.0, 4.0))
     methods = [
         Method('none', ({},), lambda s, ctx: dict(method='none')),
@@ -137,8 +155,6 @@ def all_methods(ctx: Context, quick: bool = False) -> list[Method]:
     for level, names in resolution_levels(ctx.config).items():
         methods.append(Method(f'insitu-{level}', _grid(w=g['w_small'], p=g['p_small']), _insitu(names)))
     methods += [
-        Method('insitu-schedule', schedule_grid(g),
-               lambda s, ctx: dict(zip(('guidance', 'dropout_rate'), _schedules(s, sig)), method='insitu')),
         Method('hybrid', _grid(w=g['w_small'], p=g['p_small']),
                lambda s, ctx: dict(method='hybrid', guidance=_g(s), guide=ctx.guide, dropout_rate=s['p']),
                needs='guide'),

@@ -16,7 +16,7 @@ from conftest import random_network
 
 CONFIG = dict(img_resolution=16, img_channels=1, label_dim=10, model_channels=8, channel_mult=(1, 2),
               num_blocks=1, attn_resolutions=(8,), channels_per_head=8)
-METHODS = ['none', 'insitu', 'apg']
+METHODS = ['none', 'insitu-schedule', 'apg']   # the schedule brings 'insitu' (its base)
 STEPS, TUNE_N, REPORT_N, SETS = 3, 15, 20, 3
 
 
@@ -74,7 +74,7 @@ def t_steps(n, lo=0.002, hi=80.0, rho=7.0):
 def test_results_structure_and_protocol(study_run):
     out, res = study_run
     methods = res['models']['main']
-    assert set(methods) == {'none', 'insitu'} | {m for m in methods if m.startswith('apg-')}
+    assert set(methods) == {'none', 'insitu', 'insitu-schedule'} | {m for m in methods if m.startswith('apg-')}
     assert sum(m.startswith('apg-') for m in methods) == 1
     for name, entry in methods.items():
         tuned = [sid for sid, e in entry.items() if e['tuned']]
@@ -90,6 +90,10 @@ def test_results_structure_and_protocol(study_run):
             assert np.isclose(s['mean'], np.mean(s['values'])) and np.isclose(s['std'], np.std(s['values'], ddof=1))
             assert np.all(np.isfinite(s['values']))
     assert len(methods['insitu']) == 4                             # the quick (w, p) grid
+    base = tuned_entry(methods['insitu'])['setting']               # schedules sit on in-situ's tuned point
+    w, p = base['w'], base['p']
+    assert sorted(tuple(e['setting'].values()) for e in methods['insitu-schedule'].values()) == sorted(
+        [(w, w, p / 4, p), (w, w, p, p / 4), (0.0, w, p, p), (w, 0.0, p, p)])
     none = tuned_report(methods['none'])
     for entry in methods.values():                                 # paired differences per report set
         for k, d in tuned_entry(entry)['vs_none'].items():
@@ -206,10 +210,10 @@ def test_every_quick_method_is_accepted_by_the_sampler():
     methods = SM.all_methods(ctx, quick=True)
     names = [m.name for m in methods]
     assert names == ['none', 'cfg', 'cfg-interval', 'autoguidance', 'insitu', 'insitu-encoder',
-                     'insitu-decoder', 'insitu-16x16', 'insitu-8x8', 'insitu-schedule', 'hybrid', 'pag', 'slg',
-                     'sigma-shift', 'swg']
-    schedule = methods[names.index('insitu-schedule')]
-    methods.append(SM.apg_method(schedule, schedule.grid[0], quick=True))
+                     'insitu-decoder', 'insitu-16x16', 'insitu-8x8', 'hybrid', 'pag', 'slg', 'sigma-shift', 'swg']
+    schedule = SM.schedule_method({'w': 1.0, 'p': 0.2})
+    assert len(schedule.grid) == 8 and max(s['p_lo'] for s in schedule.grid) == 0.4
+    methods += [schedule, SM.apg_method(schedule, schedule.grid[0], quick=True)]
     inputs = sampling.network_inputs(Network(cfg, {}), np.arange(2))
 
     def sample(net, guide, uncond, kwargs_of):
