@@ -24,8 +24,9 @@ Resumable: every (model, method, setting, seed set) result is its own JSON file 
 OUT/runs/, written atomically; a rerun skips the files that exist. Outputs: OUT/results.json
 (model → method → setting → metrics), OUT/results.md (each method at its tuned point, with network
 evaluations per image and the paired difference to no guidance on the shared report seeds),
-OUT/plots/ (FD vs recall per method over its grid; the in-situ (w, p) heat map) and OUT/grids/<model>/<method>.png (the first report seeds at the tuned point, one class per
-column, the same seeds for every method).
+OUT/plots/ (FD vs recall per method over its grid; the in-situ (w, p) heat map) and
+OUT/grids/<model>/<method>.png (the first report seeds at the tuned point, one class per column, the
+same seeds for every method).
 """
 from __future__ import annotations
 
