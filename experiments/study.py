@@ -389,6 +389,18 @@ def _pm(s: dict, digits: int) -> str:
     return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
 
 
+def grid_edges(method_entry: dict) -> list[str]:
+    """The axes on which the tuned setting sits at the end of a product grid ('w↑': the largest w
+    tried, 'p↓': the smallest p): there the optimum may lie outside the grid."""
+    settings = [e['setting'] for e in method_entry.values()]
+    axes = {k: sorted({s[k] for s in settings}) for k in settings[0]}
+    if len(settings) != math.prod(len(v) for v in axes.values()):
+        return []                                     # not a product grid (schedules, APG on a base)
+    best = tuned_entry(method_entry)[1]['setting']
+    return [f'{k}↑' if best[k] == v[-1] else f'{k}↓' for k, v in axes.items()
+            if len(v) > 1 and best[k] in (v[0], v[-1])]
+
+
 def _paired(e: dict, metric: str) -> str:
     d = e.get('vs_none', {}).get(metric)
     if d is None:
@@ -403,7 +415,8 @@ def results_markdown(results: dict, protocol: Protocol) -> str:
              'label = seed mod 10. w is the guidance weight (g = 1 + w). NFE: network evaluations per '
              'image.', '']
     lines += ['ΔFD vs none: the paired difference (method − none) on each report set, which share their '
-              'seeds: mean, then the per-set values.', '']
+              'seeds: mean, then the per-set values. "edge: w↑" marks a tuned point at the end of its '
+              'grid (here the largest w), where the optimum may lie beyond the grid.', '']
     head = ('| method | tuned setting | FD-FMNIST ↓ | ΔFD vs none | precision ↑ | recall ↑ | class acc. ↑ '
             '| NFE | tune FD |')
     for model, methods in results['models'].items():
@@ -415,6 +428,8 @@ def results_markdown(results: dict, protocol: Protocol) -> str:
         for name, entry in methods.items():
             sid, e = tuned_entry(entry)
             r = e['report']
+            edges = grid_edges(entry)
+            sid += f' (edge: {", ".join(edges)})' if edges else ''
             lines.append(f'| {name} | {sid} | {_pm(r["fd_fmnist"], 2)} | {_paired(e, "fd_fmnist")} | '
                          f'{_pm(r["precision"], 3)} | {_pm(r["recall"], 3)} | {_pm(r["class_accuracy"], 3)} | '
                          f'{e["nfe_per_image"]:g} | {e["tune"]["fd_fmnist"]:.2f} |')

@@ -150,6 +150,19 @@ def test_seed_sets_and_files(study_run):
     assert json.loads((out / 'results.json').read_text())['models'] == res['models']
 
 
+def test_grid_edges():
+    from experiments import study
+
+    def entry(tuned, grid):
+        return {str(s): dict(setting=s, tuned=s == tuned) for s in grid}
+    grid = [dict(w=w, p=p) for w in (0.5, 1.0, 2.0) for p in (0.1, 0.2)]
+    assert study.grid_edges(entry(dict(w=2.0, p=0.2), grid)) == ['w↑', 'p↑']
+    assert study.grid_edges(entry(dict(w=1.0, p=0.1), grid)) == ['p↓']
+    assert study.grid_edges(entry(dict(w=0.5, p=0.1), grid)) == ['w↓', 'p↓']
+    assert study.grid_edges(entry({}, [{}])) == []                           # 'none': no axes
+    assert study.grid_edges(entry(grid[0], grid[:5])) == []                  # not a product grid
+
+
 def test_nfe_closed_form(study_run):
     from experiments import study_methods as SM
     _, res = study_run
