@@ -69,7 +69,7 @@ FULL = dict(
     w_small=(0.5, 1.0, 2.0),
     p=(0.02, 0.05, 0.1, 0.2, 0.3),
     p_small=(0.1, 0.2),
-    intervals=((0.28, 5.42), (0.1, 2.0), (0.5, 10.0)),   # σ ranges (Kynkäänniemi et al. 2024 first)
+    intervals=((0.28, 5.42),),   # the σ range of Kynkäänniemi et al. 2024 (EDM2-S/XXL, ImageNet-512)
     shift=(0.1, 0.3, 1.0),
     schedule_sigmas=(0.2, 20.0),
     apg_eta=(0.0, 0.5), apg_momentum=(0.0, -0.5), apg_scale=(1.0, 2.0),
