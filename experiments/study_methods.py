@@ -67,6 +67,7 @@ FULL = dict(
     w_auto=(0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0),   # a small guide overshoots fast: finer at small w
     w_insitu=(0.25, 0.5, 1.0, 2.0, 3.0, 5.0),
     w_small=(0.5, 1.0, 2.0),
+    w_hybrid=(0.1, 0.25, 0.5, 1.0, 2.0),           # guided by the small guide: overshoots like autoguidance
     p=(0.02, 0.05, 0.1, 0.2, 0.3),
     p_small=(0.1, 0.2),
     intervals=((0.28, 5.42),),   # the σ range of Kynkäänniemi et al. 2024 (EDM2-S/XXL, ImageNet-512)
@@ -75,7 +76,7 @@ FULL = dict(
     apg_eta=(0.0, 0.5), apg_momentum=(0.0, -0.5), apg_scale=(1.0, 2.0),
 )
 QUICK = dict(
-    w=(0.5, 2.0), w_auto=(0.5, 2.0), w_insitu=(0.5, 2.0), w_small=(1.0,), p=(0.1, 0.3), p_small=(0.2,),
+    w=(0.5, 2.0), w_auto=(0.5, 2.0), w_insitu=(0.5, 2.0), w_small=(1.0,), w_hybrid=(1.0,), p=(0.1, 0.3), p_small=(0.2,),
     intervals=((0.28, 5.42),), shift=(0.3,), schedule_sigmas=(0.2, 20.0),
     apg_eta=(0.0,), apg_momentum=(0.0, -0.5), apg_scale=(1.0,),
 )
@@ -137,7 +138,7 @@ def all_methods(ctx: Context, quick: bool = False) -> list[Method]:
     """Every method of the study that the given networks allow; 'insitu-schedule' and APG are derived
     from tuned points later (`schedule_method`, `apg_method`)."""
     g = QUICK if quick else FULL
-    cfg_interval = dict(w=g['w'][-1:] if quick else (1.0, 2.0, 3.0, 4.0))
+    cfg_interval = dict(w=g['w'][-1:] if quick else (0.5, 1.0, 2.0, 3.0))
     methods = [
         Method('none', ({},), lambda s, ctx: dict(method='none')),
         Method('cfg', _grid(w=g['w']), lambda s, ctx: dict(method='cfg', guidance=_g(s), guide=ctx.uncond),
@@ -155,7 +156,7 @@ def all_methods(ctx: Context, quick: bool = False) -> list[Method]:
     for level, names in resolution_levels(ctx.config).items():
         methods.append(Method(f'insitu-{level}', _grid(w=g['w_small'], p=g['p_small']), _insitu(names)))
     methods += [
-        Method('hybrid', _grid(w=g['w_small'], p=g['p_small']),
+        Method('hybrid', _grid(w=g['w_hybrid'], p=g['p_small']),
                lambda s, ctx: dict(method='hybrid', guidance=_g(s), guide=ctx.guide, dropout_rate=s['p']),
                needs='guide'),
     ]
