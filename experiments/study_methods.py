@@ -64,7 +64,7 @@ def _g(setting, scale=1.0):
 
 FULL = dict(
     w=(0.25, 0.5, 1.0, 1.5, 2.0, 3.0),
-    w_auto=(0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0),   # a small guide overshoots fast: finer at small w
+    w_fine=(0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0),   # CFG and autoguidance overshoot fast: finer at small w
     w_insitu=(0.25, 0.5, 1.0, 2.0, 3.0, 5.0),
     w_small=(0.5, 1.0, 2.0),
     w_hybrid=(0.1, 0.25, 0.5, 1.0, 2.0),           # guided by the small guide: overshoots like autoguidance
@@ -76,7 +76,7 @@ FULL = dict(
     apg_eta=(0.0, 0.5), apg_momentum=(0.0, -0.5), apg_scale=(1.0, 2.0),
 )
 QUICK = dict(
-    w=(0.5, 2.0), w_auto=(0.5, 2.0), w_insitu=(0.5, 2.0), w_small=(1.0,), w_hybrid=(1.0,), p=(0.1, 0.3), p_small=(0.2,),
+    w=(0.5, 2.0), w_fine=(0.5, 2.0), w_insitu=(0.5, 2.0), w_small=(1.0,), w_hybrid=(1.0,), p=(0.1, 0.3), p_small=(0.2,),
     intervals=((0.28, 5.42),), shift=(0.3,), schedule_sigmas=(0.2, 20.0),
     apg_eta=(0.0,), apg_momentum=(0.0, -0.5), apg_scale=(1.0,),
 )
@@ -141,13 +141,13 @@ def all_methods(ctx: Context, quick: bool = False) -> list[Method]:
     cfg_interval = dict(w=g['w'][-1:] if quick else (0.5, 1.0, 2.0, 3.0))
     methods = [
         Method('none', ({},), lambda s, ctx: dict(method='none')),
-        Method('cfg', _grid(w=g['w']), lambda s, ctx: dict(method='cfg', guidance=_g(s), guide=ctx.uncond),
+        Method('cfg', _grid(w=g['w_fine']), lambda s, ctx: dict(method='cfg', guidance=_g(s), guide=ctx.uncond),
                needs='uncond'),
         Method('cfg-interval',
                tuple({**d, 'lo': lo, 'hi': hi} for d in _grid(**cfg_interval) for lo, hi in g['intervals']),
                lambda s, ctx: dict(method='cfg', guidance=_g(s), guide=ctx.uncond, interval=(s['lo'], s['hi'])),
                needs='uncond', interval_keys=('lo', 'hi')),
-        Method('autoguidance', _grid(w=g['w_auto']),
+        Method('autoguidance', _grid(w=g['w_fine']),
                lambda s, ctx: dict(method='autoguidance', guidance=_g(s), guide=ctx.guide), needs='guide'),
         Method('insitu', _grid(w=g['w_insitu'], p=g['p']), _insitu('all')),
         Method('insitu-encoder', _grid(w=g['w_small'], p=g['p_small']), _insitu('encoder')),
