@@ -1,4 +1,4 @@
-"""Shared fixtures: the official reference data lives in ../shared/reference beside the checkout."""
+"""Shared fixtures: the official reference data lives in tests/reference (see its README)."""
 import os
 from pathlib import Path
 
@@ -9,13 +9,13 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_backend_opt
 import numpy as np
 import pytest
 
-REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / 'shared' / 'reference'
+REFERENCE_DIR = Path(__file__).resolve().parent / 'reference'
 
 
 @pytest.fixture(scope='session')
 def reference_dir() -> Path:
     if not REFERENCE_DIR.is_dir():
-        pytest.fail(f'reference data not found at {REFERENCE_DIR} (it must sit beside the checkout)')
+        pytest.fail(f'reference data not found at {REFERENCE_DIR} (tests/reference is part of the repository)')
     return REFERENCE_DIR
 
 

@@ -1,7 +1,7 @@
 """convert.edm2 / convert.pickle_reader: NVIDIA pickles, .pt, .npz and .safetensors → edm2-jax.
 
 The pickles are written by tests/edm2_pickle_fixture.py with real torch in NVIDIA's snapshot format
-(spec §4.1–4.3) from the official reference weights in ../shared/reference/tiny_cond.npz.
+(spec §4.1–4.3) from the official reference weights in tests/reference/tiny_cond.npz.
 """
 import collections
 import hashlib

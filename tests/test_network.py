@@ -1,4 +1,4 @@
-"""The Flax EDM2 network against the official PyTorch outputs in ../shared/reference/tiny_cond.npz."""
+"""The Flax EDM2 network against the official PyTorch outputs in tests/reference/tiny_cond.npz."""
 import jax
 import jax.numpy as jnp
 import numpy as np

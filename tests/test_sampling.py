@@ -1,4 +1,4 @@
-"""EDM2's Heun sampler: against the official sampler (../shared/reference/sampler_tiny.npz), against an
+"""EDM2's Heun sampler: against the official sampler (tests/reference/sampler_tiny.npz), against an
 independent NumPy implementation with an analytic denoiser, seeds → inputs, and argument errors."""
 from typing import Any
 
