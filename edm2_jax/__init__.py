@@ -1,5 +1,5 @@
 """edm2-jax: EDM2 diffusion models in JAX/Flax, guided by degraded copies of themselves."""
-from edm2_jax import guidance
+from edm2_jax import guidance, methods, perturb, rules
 from edm2_jax.config import PRESETS, EDM2Config, block_specs, get_preset
 from edm2_jax.guidance import Interval, Schedule, Term
 from edm2_jax.network import Network
@@ -7,5 +7,5 @@ from edm2_jax.sampling import (heun_loop, heun_sampler, network_inputs, sample, 
                                sigma_steps)
 
 __all__ = ['EDM2Config', 'Interval', 'Network', 'PRESETS', 'Schedule', 'Term', 'block_specs', 'get_preset',
-           'guidance', 'heun_loop', 'heun_sampler', 'network_inputs', 'sample', 'seed_inputs', 'seed_keys',
-           'sigma_steps']
+           'guidance', 'heun_loop', 'heun_sampler', 'methods', 'network_inputs', 'perturb', 'rules', 'sample',
+           'seed_inputs', 'seed_keys', 'sigma_steps']

@@ -134,7 +134,7 @@ def make_sampler(layout: Layout, **sample_kwargs) -> Callable:
     `shard_map`: every device runs the single-device sampler on its own `per_device_batch` rows, so
     a row's arithmetic is the same program whatever the device count (letting the SPMD partitioner
     reshard the doubled in-situ batch changed results by ~1e-4 on 4 CPU devices). `sample_kwargs`
-    go to `sampling.sample` (method, guidance, dropout_rate, perturb, interval, num_steps, …) and are
+    go to `sampling.sample` (method, guidance, strength, blocks, interval, num_steps, …) and are
     fixed for the sampler's life: one compilation per configuration.
     """
     def per_device(net, guide, noise, labels, key_data):

@@ -7,14 +7,17 @@ blended), so one row of a fused batch is switched off by a 0. Every kind acts pe
 result depends only on its own input, strength and key — so the guides that share the main network's
 parameters run in one pass over the stacked batch and a seed's image never depends on the batch.
 
-Kinds (`where`: None = the kind's default; 'all', 'encoder', 'decoder', 'bottleneck', a resolution
-level 'RxR' (or the int R), or block names as in `config.block_specs`, torch or flax spelling):
+Kinds (`where`, the block selection of `select_blocks`: None = the kind's default; 'all', 'encoder',
+'decoder', 'bottleneck', a resolution level 'RxR' (or the int R), one side of a level 'enc.RxR' /
+'dec.RxR', or block names as in `config.block_specs`, torch or flax spelling; a comma-separated
+string or a sequence of any of these):
 - `dropout(p)`: inverted dropout with rate p in the residual branch of the blocks (in-situ
   autoguidance; the same mask stream as `Network(dropout_rate=...)`). Default: all blocks.
 - `skip`: the block outputs its resampled, projected input with the residual and attention branches
   removed (SLG / STG-R): encoder blocks `clip(normalize(conv_skip(resample(x))))`, decoder blocks
   `clip(conv_skip(resample(x)))` (x after the skip concatenation; conv_skip only where the widths
-  differ, else the identity). Strength 1 = on, 0 = off. Default: the bottleneck ('dec.*_in0/in1').
+  differ, else the identity). Strength 1 = on, 0 = off. Default: the decoder blocks at the lowest
+  resolution ('dec.RxR' with R the smallest level).
 - `attention_identity`: every position attends only to itself, so the attention output is
   `attn_proj(v)` (PAG). Default: all attention blocks.
 - `attention_blur(s)`: the normalised queries are blurred over the spatial grid by a separable
@@ -27,6 +30,10 @@ level 'RxR' (or the int R), or block names as in `config.block_specs`, torch or 
   flush with the border), batched, and the crop outputs are averaged where they overlap (M-SWG).
   It changes the batch shape, so a window guide runs its own pass; size = the image is the plain
   network. Defaults: size = R/2 (rounded to the U-Net's granularity), stride = size/2.
+
+The network calls one hook, `apply(point, x, perturbations, ...)`, at each place a kind can act
+(POINTS: the block input, the residual branch, the attention queries and output, the block output,
+the noise level); the kinds' operations live here, so the network reads like EDM2's.
 """
 from __future__ import annotations
 
@@ -38,13 +45,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from edm2_jax.config import EDM2Config, block_specs
+from edm2_jax.layers import dropout as dropout_layer
 
 KINDS = ('dropout', 'skip', 'attention_identity', 'attention_blur', 'token_shuffle', 'sigma_shift', 'window')
 BLOCK_KINDS = ('dropout', 'skip', 'attention_identity', 'attention_blur', 'token_shuffle')
 ATTENTION_KINDS = ('attention_identity', 'attention_blur')
 RANDOM_KINDS = ('dropout', 'token_shuffle')  # need a key per example
 NO_PREFIX_KINDS = ('sigma_shift', 'window')  # change the network's input: nothing can be shared
-_DEFAULT_WHERE = {'skip': 'bottleneck', 'token_shuffle': 'bottleneck'}
 
 
 @flax.struct.dataclass
@@ -97,31 +104,52 @@ def _freeze(where):
 # Checks against a network configuration, before anything is compiled.
 
 def select_blocks(config: EDM2Config, where) -> frozenset[str]:
-    """Block names for a selection (see the module docstring)."""
+    """Block names for a selection (see the module docstring): the one block selector of the project."""
     blocks = [s for s in block_specs(config) if s.kind == 'block']
+    if isinstance(where, frozenset) and where <= {s.name for s in blocks}:
+        return where  # already resolved
+    if isinstance(where, str) and ',' in where:
+        where = [w.strip() for w in where.split(',') if w.strip()]
     if where is None or where == 'all':
         return frozenset(s.name for s in blocks)
     if where in ('encoder', 'decoder'):
         return frozenset(s.name for s in blocks if s.flavor == where[:3])
     if where == 'bottleneck':
         return frozenset(s.name for s in blocks if s.name.endswith(('_in0', '_in1')))
-    items = [where] if isinstance(where, (str, int)) else list(where)
+    items = [where] if isinstance(where, (str, int, np.integer)) else list(where)
     names = {s.name.replace('.', '_', 1): s.name for s in blocks} | {s.name: s.name for s in blocks}
-    levels = {f'{s.resolution}x{s.resolution}' for s in blocks}
+    levels = {}
+    for s in blocks:
+        level = f'{s.resolution}x{s.resolution}'
+        for key in (level, f'{s.flavor}.{level}'):
+            levels.setdefault(key, set()).add(s.name)
     out, unknown = set(), []
     for item in items:
-        level = f'{item}x{item}' if isinstance(item, (int, np.integer)) else item
-        if level in levels:
-            out |= {s.name for s in blocks if f'{s.resolution}x{s.resolution}' == level}
-        elif item in names:
-            out.add(names[item])
+        key = f'{item}x{item}' if isinstance(item, (int, np.integer)) else item
+        if key in ('all', 'encoder', 'decoder', 'bottleneck'):
+            out |= select_blocks(config, key)
+        elif key in levels:
+            out |= levels[key]
+        elif key in names:
+            out.add(names[key])
         else:
             unknown.append(item)
     if unknown:
-        raise ValueError(f'unknown blocks to perturb {unknown}; choose "all", "encoder", "decoder", '
-                         f'"bottleneck", a level from {sorted(levels)} or names from '
-                         f'{[s.name for s in blocks]}')
+        raise ValueError(f'unknown blocks {unknown}; choose "all", "encoder", "decoder", "bottleneck", '
+                         f'a level from {sorted(k for k in levels if "." not in k)} (or "enc."/"dec." + '
+                         f'level) or names from {[s.name for s in blocks]}')
     return frozenset(out)
+
+
+def lowest_decoder_level(config: EDM2Config) -> str:
+    """'dec.RxR' for the smallest resolution R of the U-Net (skip-layer guidance's default)."""
+    low = min(s.resolution for s in block_specs(config) if s.kind == 'block')
+    return f'dec.{low}x{low}'
+
+
+def default_where(config: EDM2Config, kind: str):
+    """The block selection a kind uses when none is given."""
+    return {'skip': lowest_decoder_level(config), 'token_shuffle': 'bottleneck'}.get(kind)
 
 
 def resolve(config: EDM2Config, perturbation) -> tuple[Perturbation, ...]:
@@ -151,11 +179,7 @@ def _resolve_one(config, p):
         if p.where is not None:
             raise ValueError('sigma_shift changes the noise level of the whole network; it takes no blocks')
         return p
-    all_names = frozenset(s.name for s in block_specs(config))
-    if isinstance(p.where, frozenset) and p.where <= all_names:
-        blocks = p.where  # already resolved
-    else:
-        blocks = select_blocks(config, _DEFAULT_WHERE.get(p.kind) if p.where is None else p.where)
+    blocks = select_blocks(config, default_where(config, p.kind) if p.where is None else p.where)
     if p.kind in ATTENTION_KINDS:
         heads = frozenset(s.name for s in block_specs(config) if s.num_heads)
         if not heads:
@@ -224,18 +248,82 @@ def window_starts(resolution: int, size: int, stride: int) -> list[int]:
     return starts
 
 
-def first_index(config: EDM2Config, perturbations, perturbed=frozenset()):
+def first_index(config: EDM2Config, perturbations):
     """Execution index of the first module any perturbation touches (None: none touches a block, or a
     kind changes the input so nothing can be shared)."""
     if any(p.kind in NO_PREFIX_KINDS for p in perturbations):
         return None
-    names = frozenset(perturbed).union(*(p.where for p in perturbations if p.kind in BLOCK_KINDS))
+    names = frozenset().union(*(p.where for p in perturbations if p.kind in BLOCK_KINDS))
     indices = [s.index for s in block_specs(config) if s.name in names]
     return min(indices) if indices else None
 
 
 # ---------------------------------------------------------------------------------------------------
-# Per-example operations the network applies (strengths [N], traced).
+# The hook the network calls, and the kinds' operations (strengths [N], traced).
+
+POINTS = {'token_shuffle': 'input', 'dropout': 'residual', 'attention_blur': 'query',
+          'attention_identity': 'attention', 'skip': 'output', 'sigma_shift': 'sigma'}
+
+
+def merge(perturbations) -> tuple[Perturbation, ...]:
+    """One perturbation per kind: the terms of a fused pass perturb disjoint rows, so the strengths of
+    one kind add up row by row (a row's own strength, zeros elsewhere)."""
+    out: dict[str, Perturbation] = {}
+    for p in perturbations:
+        out[p.kind] = p if p.kind not in out else out[p.kind].replace(strength=out[p.kind].strength + p.strength)
+    return tuple(out.values())
+
+
+def apply(point: str, x, perturbations, **context):
+    """x after the perturbations that act at `point` (see POINTS); rows of strength 0 keep x exactly.
+    context: what an operation needs there (keys and the block index at the input, the dropout
+    noise in the residual branch, the grid at the queries, v at the attention, the skip path at the
+    output)."""
+    for p in perturbations:
+        if POINTS.get(p.kind) == point:
+            x = _OPERATIONS[p.kind](x, p.strength, **context)
+    return x
+
+
+def _shuffle(x, on, keys, index):
+    """Each row's own permutation stream: its key folded with the block's index."""
+    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, 1 << 20 | index)
+    return jnp.where(rows(on > 0, x), shuffle_positions(x, keys), x)
+
+
+def _blur_queries(q, sigma, grid):
+    n, _, heads, c = q.shape
+    blurred = gaussian_blur(q.reshape((n,) + grid + (heads, c)), sigma).reshape(q.shape)
+    return jnp.where(rows(sigma > 0, q), blurred, q)
+
+
+_OPERATIONS = {
+    'token_shuffle': _shuffle,
+    'dropout': lambda y, rate, uniform: dropout_layer(y, rate, uniform.reshape(y.shape)),
+    'attention_blur': _blur_queries,
+    'attention_identity': lambda y, on, v: jnp.where(rows(on > 0, y), v, y),  # each pixel attends to itself
+    'skip': lambda x, on, skipped: jnp.where(rows(on > 0, x), skipped, x),
+    'sigma_shift': lambda sigma, delta: sigma * (1 + delta.reshape(-1, 1, 1, 1)),  # δ = 0: × exactly 1
+}
+
+
+def dropout_noise(config: EDM2Config, perturbations, keys) -> dict:
+    """Uniform [0, 1) noise for the residual branch of every block a dropout perturbation touches,
+    drawn in one call per example: one draw of Σ H·W·C numbers (then cut per block) compiles one RNG
+    kernel instead of one per block; row i's noise depends only on keys[i]."""
+    blocks = frozenset().union(*(p.where for p in perturbations if p.kind == 'dropout'))
+    if not blocks:
+        return {}
+    shapes = {s.name: (s.resolution, s.resolution, s.out_channels)
+              for s in block_specs(config) if s.name in blocks}
+    sizes = [int(np.prod(shape)) for shape in shapes.values()]
+    uniform = jax.vmap(lambda k: jax.random.uniform(k, (sum(sizes),), jnp.float32))(keys)
+    parts = jnp.split(uniform, np.cumsum(sizes)[:-1], axis=1)
+    return {name: part.reshape((-1,) + shape) for (name, shape), part in zip(shapes.items(), parts)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-example operations (strengths [N], traced).
 
 def rows(mask, like):
     """A per-example [N] mask shaped to broadcast against `like` [N, ...]."""

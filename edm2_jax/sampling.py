@@ -1,5 +1,5 @@
 """EDM2's Heun sampler (spec §3.1) as one `lax` loop, seeds → noise, labels, keys (spec §3.2), and
-`sample`, the public entry point for EDM2 networks with any guidance method (`guidance.py`).
+`sample`, the public entry point for EDM2 networks with any guidance method (`methods.py`).
 
 The low-level sampler is shape-agnostic: it sees only `denoise(x, sigma, step, keys) -> D` with x
 [N, ...], sigma a 0-d array of the sampler dtype, step the int step index and keys a typed key array
@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from edm2_jax import guidance as G
+from edm2_jax import methods
+from edm2_jax.denoiser import FUSIONS, edm2_denoiser, needs_keys, prepare_terms
 
 EULER, HEUN, CHURN = 0, 1, 2  # per-step key streams
 
@@ -94,14 +96,17 @@ def sigma_steps(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.
                 dtype=jnp.float32) -> jax.Array:
     """t_i = (σ_max^(1/ρ) + i/(N−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ for i < N, then t_N = 0.
 
-    Computed in `dtype` as EDM2 does (float32: t_0 = 79.99998), on the host with numpy, whose pow
-    rounds like torch's (XLA's differs by an ulp). N = 1 gives [σ_max, 0] (one Euler step).
+    The base is computed in `dtype` as EDM2 does; the power is the correctly rounded one (computed
+    in float64 and rounded once to float32; float32 t_0 = 79.999985), as torch's CPU pow gives. It is
+    not left to a float32 pow kernel: XLA's and NumPy ≥ 2.4's vectorised ones differ by an ulp.
+    N = 1 gives [σ_max, 0] (one Euler step).
     """
     _check_steps(num_steps, sigma_min, sigma_max, rho)
     dt = np.dtype(_check_dtype(dtype))
     i = np.arange(num_steps, dtype=dt)
     hi, lo = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    t = (dt.type(hi) + i / dt.type(max(num_steps - 1, 1)) * dt.type(lo - hi)) ** dt.type(rho)
+    base = dt.type(hi) + i / dt.type(max(num_steps - 1, 1)) * dt.type(lo - hi)
+    t = (base.astype(np.float64) ** np.float64(dt.type(rho))).astype(dt)
     return jnp.asarray(np.concatenate([t, np.zeros(1, dt)]))
 
 
@@ -194,39 +199,29 @@ def _is_zero(v):
 
 @functools.partial(jax.jit, static_argnames=('fusion',))
 def _sample(net, noise, class_labels, keys, t_steps, terms, interval, churn, fusion):
-    denoise = G.edm2_denoiser(net, class_labels, terms, interval=interval, fusion=fusion,
-                              dtype=t_steps.dtype)
+    denoise = edm2_denoiser(net, class_labels, terms, interval=interval, fusion=fusion, dtype=t_steps.dtype)
     return heun_loop(denoise, noise, keys, t_steps, churn)
 
 
-def sample(net, noise, class_labels=None, *, method: str = 'none', guide=None, guidance=1.0,
-           dropout_rate=0.0, perturb=None, terms: Sequence[G.Term] | None = None, interval=None,
-           interval_steps=None, fusion: str = 'prefix', num_steps: int = 32, sigma_min: float = 0.002,
-           sigma_max: float = 80.0, rho: float = 7.0, S_churn=0.0, S_min=0.0, S_max=float('inf'),
-           S_noise=1.0, keys=None, dtype=jnp.float32, strength=None, rule=None,
-           window=None) -> jax.Array:
+def sample(net, noise, class_labels=None, *, method: str | None = None, guidance=1.0, strength=None,
+           guide=None, blocks=None, window=None, rule=None, terms: Sequence[G.Term] | None = None,
+           interval=None, interval_steps=None, fusion: str = 'prefix', num_steps: int = 32,
+           sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, S_churn=0.0, S_min=0.0,
+           S_max=float('inf'), S_noise=1.0, keys=None, dtype=jnp.float32) -> jax.Array:
     """Images [N, R, R, C] from noise [N, R, R, C] (unit variance, NHWC) with EDM2's Heun sampler.
 
-    method: 'none'; 'cfg' (guide = an unconditional network, or None for the main network with the
-    null label); 'autoguidance' (guide = a weaker conditional network); 'insitu' (the main network
-    with dropout `dropout_rate` in the blocks `perturb` as its own guide); 'hybrid' (guide network
-    with dropout); 'sum' (the list `terms` of `guidance.Term`s, D = D_main + Σ w_i (D_main − D_i)).
-    Self-guidance presets (the main network under an `edm2_jax.perturb` perturbation in the blocks
-    `perturb`, strength `strength`): 'pag' (identity attention; default all attention blocks), 'slg'
-    (skip; default the decoder blocks at the lowest resolution), 'seg' (query blur, strength = blur
-    std in pixels, default 10), 'tpg' (token shuffle; default the bottleneck blocks), 'sigma-shift'
-    (σ·(1 + strength), strength required), 'swg' (sliding windows, window=(size, stride), default
-    (R/2, R/4); its own pass over the crops).
-    rule: None (linear) or `guidance.APG`, applied to every term of a named method.
-    guidance: EDM2's g (number or `guidance.Schedule` of g over σ); w = g − 1, g = 1 is no guidance.
-    dropout_rate: p in [0, 1), number or Schedule. interval: guide only for σ ∈ (lo, hi];
-    interval_steps: guide only at steps start ≤ i ≤ stop (inclusive). Outside, the guide is not run.
-    A `guidance.Term` may carry its own `interval` (method='sum'): its guide runs only inside it
-    (see `guidance.edm2_denoiser`).
+    method: a name of the registry `edm2_jax.methods` (None or 'none': unguided) with guidance
+    g = 1 + w (EDM2's convention; a number or a `guidance.Schedule` of g over σ), the method's own
+    `strength` (e.g. in-situ's dropout rate p; None: its default), its `guide` network, `blocks` (the
+    block selection of `perturb.select_blocks`), `window` (swg) and `rule` (None or a rule of
+    `edm2_jax.rules`). Or terms: a list of `guidance.Term`s (D = D_main + Σ w_i (D_main − D_i)),
+    with no method.
+    interval: guide only for σ ∈ (lo, hi]; interval_steps: guide only at steps start ≤ i ≤ stop
+    (inclusive). Outside, the guide is not run; a Term may carry its own `interval` too.
     fusion: 'prefix' | 'fused' | 'unfused' (how passes sharing the main network's parameters run).
-    keys: [N] typed keys, the sampler streams of `seed_inputs` (needed for dropout and churn).
-    w, p, interval bounds, schedule values, σ_min, σ_max, ρ and churn values are traced: sweeping
-    them does not recompile; method, shapes, num_steps, perturb and fusion are static.
+    keys: [N] typed keys, the sampler streams of `seed_inputs` (needed by dropout, token shuffle and
+    churn). w, strengths, interval bounds, schedule values, σ_min, σ_max, ρ and churn values are
+    traced: sweeping them does not recompile; method, shapes, num_steps, blocks and fusion are static.
     """
     dtype = _check_dtype(dtype)
     cfg = net.config
@@ -241,20 +236,12 @@ def sample(net, noise, class_labels=None, *, method: str = 'none', guide=None, g
         class_labels = jnp.asarray(class_labels, jnp.float32)
         if class_labels.shape != (n, cfg.label_dim):
             raise ValueError(f'class_labels must have shape [{n}, {cfg.label_dim}], got {class_labels.shape}')
-    if fusion not in G.FUSIONS:
-        raise ValueError(f'fusion must be one of {G.FUSIONS}, got {fusion!r}')
+    if fusion not in FUSIONS:
+        raise ValueError(f'fusion must be one of {FUSIONS}, got {fusion!r}')
     t_steps = sigma_steps(num_steps, sigma_min, sigma_max, rho, dtype)
 
-    if strength is not None and method not in PERTURB_METHODS:
-        raise ValueError(f'strength is for the perturbation methods {PERTURB_METHODS}, not {method!r}')
-    if window is not None and method != 'swg':
-        raise ValueError(f"window is for method 'swg', not {method!r}")
-    terms = named_terms(net, method, guide, guidance, dropout_rate, perturb, terms, strength, window)
-    if rule is not None:
-        if method == 'sum':
-            raise ValueError("with method='sum' give each Term its own rule")
-        terms = tuple(t.replace(rule=rule) for t in terms)
-    terms = G.prepare_terms(net, terms, dtype)
+    terms = prepare_terms(net, guidance_terms(method, guidance, strength, guide=guide, blocks=blocks,
+                                              window=window, rule=rule, terms=terms), dtype)
     if interval is not None and interval_steps is not None:
         raise ValueError('give either interval (σ range) or interval_steps (step indices), not both')
     if (interval is not None or interval_steps is not None) and not terms:
@@ -267,84 +254,22 @@ def sample(net, noise, class_labels=None, *, method: str = 'none', guide=None, g
     churn = None
     if not _is_zero(S_churn):
         churn = Churn(*(jnp.asarray(v, dtype) for v in (S_churn, S_min, S_max, S_noise)))
-    random = churn is not None or any(t.dropout_rate is not None or any(
-        p.kind in ('dropout', 'token_shuffle') for p in t.perturbation or ()) for t in terms)
-    keys = _check_keys(keys, n, random)
+    keys = _check_keys(keys, n, churn is not None or needs_keys(terms))
     return _sample(net, noise, class_labels, keys, t_steps, terms, interval, churn, fusion)
 
 
-PERTURB_METHODS = ('pag', 'slg', 'seg', 'tpg', 'sigma-shift', 'swg')
-
-
-def named_terms(net, method, guide=None, guidance=1.0, dropout_rate=0.0, perturb=None, terms=None,
-                strength=None, window=None) -> tuple[G.Term, ...]:
-    """The guidance terms `sample(method=...)` uses (arguments as there), e.g. to cost them alone."""
-    if method in PERTURB_METHODS:
-        return (_perturb_term(net, method, guide, guidance, dropout_rate, perturb, terms, strength, window),)
-    return _method_terms(method, guide, guidance, dropout_rate, perturb, terms)
-
-
-def _perturb_term(net, method, guide, guidance, dropout_rate, perturb, terms, strength, window=None):
-    """The single term of a self-guidance preset (see `sample`)."""
-    from edm2_jax import perturb as P
-    from edm2_jax.config import block_specs
-    if guide is not None or terms is not None or not _is_default(dropout_rate, 0.0):
-        raise ValueError(f'method {method!r} guides with the perturbed main network: no guide, terms or '
-                         'dropout_rate (combine with method="sum")')
-    w = guidance.map(lambda g: g - 1) if isinstance(guidance, G.Schedule) else jnp.asarray(guidance) - 1
-    if method == 'pag':
-        p = P.attention_identity(perturb, 1.0 if strength is None else strength)
-    elif method == 'slg':
-        if perturb is None:
-            blocks = [s for s in block_specs(net.config) if s.kind == 'block']
-            low = min(s.resolution for s in blocks)
-            perturb = [s.name for s in blocks if s.flavor == 'dec' and s.resolution == low]
-        p = P.skip(perturb, 1.0 if strength is None else strength)
-    elif method == 'seg':
-        p = P.attention_blur(10.0 if strength is None else strength, perturb)
-    elif method == 'tpg':
-        p = P.token_shuffle(perturb, 1.0 if strength is None else strength)
-    elif method == 'swg':
-        if strength is not None or perturb is not None:
-            raise ValueError("method 'swg' takes window=(size, stride), not strength or perturb")
-        size, stride = (None, None) if window is None else tuple(window)
-        p = P.window(size, stride)
-    else:
-        if strength is None:
-            raise ValueError("method 'sigma-shift' needs strength=δ (the guide runs at σ·(1 + δ))")
-        if perturb is not None:
-            raise ValueError("method 'sigma-shift' perturbs no blocks; leave perturb=None")
-        p = P.sigma_shift(strength)
-    return G.perturbed(w, p)
-
-
-def _method_terms(method, guide, guidance, dropout_rate, perturb, terms):
-    if method == 'sum':
-        if terms is None or guide is not None or not _is_default(guidance, 1.0) or \
-                not _is_default(dropout_rate, 0.0):
-            raise ValueError("method 'sum' takes its guides, weights and rates from `terms` only")
-        return tuple(terms)
+def guidance_terms(method: str | None = None, guidance=1.0, strength=None, *, guide=None, blocks=None,
+                   window=None, rule=None, terms=None) -> tuple[G.Term, ...]:
+    """The guidance terms `sample` uses for these arguments (see there), e.g. to count their cost."""
     if terms is not None:
-        raise ValueError(f"terms are used with method='sum', not {method!r}")
-    if method == 'none':
-        if guide is not None or not _is_default(guidance, 1.0) or not _is_default(dropout_rate, 0.0):
-            raise ValueError("method 'none' takes no guide, guidance or dropout_rate")
-        return ()
-    if method in ('autoguidance', 'hybrid') and guide is None:
-        raise ValueError(f'method {method!r} needs a guide network')
-    if method == 'insitu' and guide is not None:
-        raise ValueError("method 'insitu' guides with the main network itself; use 'hybrid' for a guide network")
-    if method in ('cfg', 'autoguidance') and not _is_default(dropout_rate, 0.0):
-        raise ValueError(f"method {method!r} uses no dropout; use 'hybrid' or 'sum' for a guide with dropout")
-    if method == 'cfg' and guide is not None and guide.config.label_dim != 0:
-        raise ValueError('the CFG guide must be unconditional (label_dim 0); use autoguidance for a '
-                         'conditional guide')
-    if isinstance(guidance, G.Schedule):
-        w = guidance.map(lambda g: g - 1)
-    else:
-        concrete = G.concrete_values(guidance)
-        w = guidance - 1 if concrete is None else concrete - 1
-    return G.method_terms(method, w, guide, dropout_rate, perturb)
+        if method not in (None, 'none') or guide is not None or strength is not None or rule is not None:
+            raise ValueError('terms carry their own guides, weights, strengths and rules: give no method, '
+                             'guide, strength or rule with them')
+        return tuple(terms)
+    if method in (None, 'none') and not _is_default(guidance, 1.0):
+        raise ValueError('guidance needs a guidance method')
+    return methods.terms(method, methods.weight(guidance), strength, guide=guide, blocks=blocks, window=window,
+                         rule=rule)
 
 
 def _is_default(value, default):
@@ -355,7 +280,8 @@ def _is_default(value, default):
 def _check_keys(keys, n, needed):
     if keys is None:
         if needed:
-            raise ValueError('dropout and churn need per-sample keys: pass keys=seed_inputs(seeds, ...).keys')
+            raise ValueError('dropout, token shuffle and churn need per-sample keys: pass '
+                             'keys=seed_inputs(seeds, ...).keys')
         return jax.random.wrap_key_data(jnp.zeros((n, 2), jnp.uint32))  # never used
     if not (isinstance(keys, jax.Array) and jnp.issubdtype(keys.dtype, jax.dtypes.prng_key)):
         raise ValueError('keys must be a typed key array (jax.random.key), e.g. seed_inputs(...).keys')

@@ -343,7 +343,7 @@ def make_train_step(cfg: TrainConfig, mesh: Mesh | None = None) -> Callable:
         y = images.astype(jnp.float32)
         net = Network(cfg.network, {'params': params, 'buffers': buffers}, np.dtype(dtype))
         D, u = net(y + eps * sigma.reshape(rows, 1, 1, 1), sigma, labels,
-                   dropout_rate=cfg.dropout, dropout_key=keys[:, 2] if cfg.dropout else None,
+                   dropout_rate=cfg.dropout, keys=keys[:, 2] if cfg.dropout else None,
                    return_logvar=True)
         return jnp.sum(edm2_loss(D, y, sigma, u, cfg.network.sigma_data)) / b
 

@@ -48,8 +48,9 @@ import numpy as np
 from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from edm2_jax import EDM2Config, Network, get_preset, guidance as G, network_inputs, sample
-from edm2_jax.sampling import named_terms
+from edm2_jax import EDM2Config, Network, get_preset, guidance as G, methods, network_inputs, sample
+from edm2_jax.denoiser import edm2_denoiser, prepare_terms
+from edm2_jax.sampling import guidance_terms
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('preset', '', 'EDM2 preset (e.g. img512-xs); empty: the custom network of the flags below')
@@ -82,11 +83,11 @@ BASE_METHODS = {
     'none': dict(method='none'),
     'cfg': dict(method='cfg', fusion='fused'),  # the main network with the null label, one pass
     'autoguidance': dict(method='autoguidance'),
-    'insitu-fused': dict(method='insitu', fusion='fused', perturb='all'),
-    'insitu-unfused': dict(method='insitu', fusion='unfused', perturb='all'),
-    'insitu-prefix': dict(method='insitu', fusion='prefix', perturb='all'),
-    'insitu-decoder-prefix': dict(method='insitu', fusion='prefix', perturb='decoder'),
-    'insitu-decoder-fused': dict(method='insitu', fusion='fused', perturb='decoder'),
+    'insitu-fused': dict(method='insitu', fusion='fused', blocks='all'),
+    'insitu-unfused': dict(method='insitu', fusion='unfused', blocks='all'),
+    'insitu-prefix': dict(method='insitu', fusion='prefix', blocks='all'),
+    'insitu-decoder-prefix': dict(method='insitu', fusion='prefix', blocks='decoder'),
+    'insitu-decoder-fused': dict(method='insitu', fusion='fused', blocks='decoder'),
     # The self-guidance family (edm2_jax.perturb), each with its library defaults.
     'pag': dict(method='pag'),
     'slg': dict(method='slg'),
@@ -96,7 +97,7 @@ BASE_METHODS = {
     'swg': dict(method='swg'),
     # In-situ as one `guidance.Term` carrying its own interval (`--interval`): costs what
     # insitu-prefix-interval costs, since per-term intervals skip the inactive guide passes too.
-    'insitu-term-interval': dict(method='sum', fusion='prefix'),
+    'insitu-term-interval': dict(method='terms', fusion='prefix'),
 }
 SAMPLER_FUN = '_sample'  # name of the sampler's jitted function in edm2_jax.sampling (compile events)
 
@@ -163,10 +164,6 @@ class CountedNetwork(Network):
     def __call__(self, x, *args, **kwargs):
         jax.debug.callback(functools.partial(COUNTER.add, self.role, x.shape[0]))
         return super().__call__(x, *args, **kwargs)
-
-    def paired(self, x, *args, **kwargs):
-        jax.debug.callback(functools.partial(COUNTER.add, self.role, 2 * x.shape[0]))
-        return super().paired(x, *args, **kwargs)
 
     def stacked(self, x, *args, copies, **kwargs):
         jax.debug.callback(functools.partial(COUNTER.add, self.role, copies * x.shape[0]))
@@ -245,7 +242,7 @@ def forward_flops(net, x, sigma, labels) -> float | None:
 def guided_flops(net, x, sigma, labels, keys, terms, fusion) -> float | None:
     """FLOPs of one guided evaluation (the main pass and every guide pass, as the sampler runs them)."""
     def evaluate(net, terms, x, sigma, labels, keys):
-        return G.edm2_denoiser(net, labels, terms, fusion=fusion)(x, sigma, jnp.int32(0), keys)
+        return edm2_denoiser(net, labels, terms, fusion=fusion)(x, sigma, jnp.int32(0), keys)
     return flops(jax.jit(evaluate).lower(net, terms, x, sigma, labels, keys).compile())
 
 
@@ -262,10 +259,11 @@ def measure(name, net, guide, inputs, steps, repeats, values, interval, log, inl
         if spec['method'] != 'none':
             kw['guidance'] = g
         if spec['method'] == 'insitu':
-            kw['dropout_rate'] = p
-        if spec['method'] == 'sum':
-            term = G.insitu(g - 1.0, p, 'all').replace(interval=G.Interval.sigmas(*interval))
+            kw['strength'] = p
+        if spec['method'] == 'terms':  # in-situ as a Term with its own interval
+            term = methods.term('insitu', g - 1.0, p, blocks='all').replace(interval=G.Interval.sigmas(*interval))
             kw.pop('guidance')
+            kw.pop('method')
             return main, dict(kw, terms=[term])
         if spec['method'] == 'autoguidance':
             kw['guide'] = guide_net
@@ -315,10 +313,13 @@ def measure(name, net, guide, inputs, steps, repeats, values, interval, log, inl
     if spec['method'] == 'none':
         f_guided = f_eval
     else:
-        term = (G.insitu(g1 - 1.0, p1, 'all'),) if spec['method'] == 'sum' else named_terms(net, spec['method'], guide if spec['method'] == 'autoguidance' else None, g1,
-                           p1 if spec['method'] == 'insitu' else 0.0, spec.get('perturb'),
-                           strength=spec.get('strength'))
-        terms = G.prepare_terms(net, term, jnp.float32)
+        if spec['method'] == 'terms':
+            term = methods.terms('insitu', g1 - 1.0, p1, blocks='all')
+        else:
+            term = guidance_terms(spec['method'], g1, p1 if spec['method'] == 'insitu' else spec.get('strength'),
+                                  guide=guide if spec['method'] == 'autoguidance' else None,
+                                  blocks=spec.get('blocks'))
+        terms = prepare_terms(net, term, jnp.float32)
         f_guided = guided_flops(net, inputs.noise, sigma, inputs.class_labels, inputs.keys, terms,
                                 spec.get('fusion', 'prefix'))
     flops_per_image = None

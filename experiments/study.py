@@ -216,8 +216,7 @@ class Runner:
             write_atomic(path.with_suffix('.npz'), lambda tmp: _save_npz(tmp, images[:self.p.grid_n]))
         res = dict(model=model, method=method.name, setting=setting, setting_id=sid, seed_set=seed_set,
                    seeds=dict(first=int(seeds[0]), count=len(seeds)), num_steps=self.p.num_steps,
-                   nfe_per_image=SM.nfe_per_image(self.p.num_steps, SM.guide_cost(kwargs, net.config),
-                                                  method.guide_interval(setting)),
+                   nfe_per_image=SM.nfe_per_image(kwargs, net.config, self.p.num_steps),
                    metrics=metrics, nonfinite_samples=bad, sample_s=round(sample_s, 3),
                    score_s=round(score_s, 3))
         write_json(path, res)
@@ -327,8 +326,7 @@ def plan(models: dict, ctx_of: Callable, p: Protocol, only=None) -> list[dict]:
             methods.append(SM.schedule_method(base, p.quick))
         costs = {}
         for m in methods:
-            costs[m.name] = [SM.nfe_per_image(p.num_steps, SM.guide_cost(m.build(s, ctx), ctx.config),
-                                              m.guide_interval(s)) for s in m.grid]
+            costs[m.name] = [SM.nfe_per_image(m.build(s, ctx), ctx.config, p.num_steps) for s in m.grid]
         guided = [m for m in methods if m.name != 'none']
         if guided and (only is None or 'apg' in only):
             top = max(guided, key=lambda m: max(costs[m.name]))

@@ -1,7 +1,7 @@
 """The methods of the guidance study (issue 13) and their parameter grids.
 
 A `Method` turns a *setting* (a flat dict of numbers, e.g. {'w': 1.0, 'p': 0.1}) into keyword
-arguments of `sampling.sample`. Within one method every setting has the same static structure (method
+arguments of `sampling.sample` (method names and strengths from the registry `edm2_jax.methods`). Within one method every setting has the same static structure (method
 name, perturbed blocks, presence of an interval or schedule), so its whole grid runs through one
 compiled sampler: only traced numbers change. w is the guidance weight (EDM2's g = 1 + w).
 
@@ -15,9 +15,10 @@ import dataclasses
 import itertools
 from typing import Any, Callable, NamedTuple
 
-import numpy as np
 
 from edm2_jax import guidance as G
+from edm2_jax import methods as registry
+from edm2_jax import rules
 from edm2_jax import sampling
 from edm2_jax.config import block_specs
 
@@ -35,13 +36,6 @@ class Method:
     grid: tuple[dict, ...]
     build: Callable[[dict, Context], dict]   # setting → sample() kwargs (method, guidance, guide, …)
     needs: str | None = None                 # 'guide' | 'uncond' | None
-    interval: tuple[float, float] | None = None  # fixed σ-interval of the guide (for the NFE), if any
-    interval_keys: tuple[str, str] | None = None  # or: the setting's keys holding (σ_lo, σ_hi)
-
-    def guide_interval(self, setting):
-        if self.interval_keys is not None:
-            return tuple(float(setting[k]) for k in self.interval_keys)
-        return self.interval
 
 
 def setting_id(setting: dict) -> str:
@@ -95,9 +89,9 @@ def has_attention(config) -> bool:
     return any(s.num_heads > 0 for s in block_specs(config))
 
 
-def _insitu(perturb):
+def _insitu(blocks):
     def build(s, ctx):
-        return dict(method='insitu', guidance=_g(s), dropout_rate=s['p'], perturb=perturb)
+        return dict(method='insitu', guidance=_g(s), strength=s['p'], blocks=blocks)
     return build
 
 
@@ -131,7 +125,7 @@ def schedule_method(base: dict, quick: bool = False) -> Method:
     sigmas = (QUICK if quick else FULL)['schedule_sigmas']
     grid = schedule_grid(base, SCHEDULE_SCALES[:1] if quick else SCHEDULE_SCALES)
     return Method('insitu-schedule', grid,
-                  lambda s, ctx: dict(zip(('guidance', 'dropout_rate'), _schedules(s, sigmas)), method='insitu'))
+                  lambda s, ctx: dict(zip(('guidance', 'strength'), _schedules(s, sigmas)), method='insitu'))
 
 
 def all_methods(ctx: Context, quick: bool = False) -> list[Method]:
@@ -146,7 +140,7 @@ def all_methods(ctx: Context, quick: bool = False) -> list[Method]:
         Method('cfg-interval',
                tuple({**d, 'lo': lo, 'hi': hi} for d in _grid(**cfg_interval) for lo, hi in g['intervals']),
                lambda s, ctx: dict(method='cfg', guidance=_g(s), guide=ctx.uncond, interval=(s['lo'], s['hi'])),
-               needs='uncond', interval_keys=('lo', 'hi')),
+               needs='uncond'),
         Method('autoguidance', _grid(w=g['w_fine']),
                lambda s, ctx: dict(method='autoguidance', guidance=_g(s), guide=ctx.guide), needs='guide'),
         Method('insitu', _grid(w=g['w_insitu'], p=g['p']), _insitu('all')),
@@ -157,7 +151,7 @@ def all_methods(ctx: Context, quick: bool = False) -> list[Method]:
         methods.append(Method(f'insitu-{level}', _grid(w=g['w_small'], p=g['p_small']), _insitu(names)))
     methods += [
         Method('hybrid', _grid(w=g['w_hybrid'], p=g['p_small']),
-               lambda s, ctx: dict(method='hybrid', guidance=_g(s), guide=ctx.guide, dropout_rate=s['p']),
+               lambda s, ctx: dict(method='hybrid', guidance=_g(s), guide=ctx.guide, strength=s['p']),
                needs='guide'),
     ]
     if has_attention(ctx.config):
@@ -199,38 +193,18 @@ def apg_method(best: Method, best_setting: dict, quick: bool = False) -> Method:
             if k in base:
                 base[k] *= s['apg_scale']
         kwargs = best.build(base, ctx)
-        kwargs['rule'] = G.APG(eta=s['eta'], threshold=0.0, momentum=s['momentum'])
+        kwargs['rule'] = rules.APG(eta=s['eta'], threshold=0.0, momentum=s['momentum'])
         return kwargs
-    return Method(f'apg-{best.name}', grid, build, best.needs, best.interval, best.interval_keys)
+    return Method(f'apg-{best.name}', grid, build, best.needs)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Cost: network evaluations per image.
 
-def guide_cost(kwargs: dict, config) -> float:
-    """Network evaluations of the guide per guided evaluation, in full-image units: 0 without
-    guidance, 1 for a guide pass, and for sliding windows the crops' total area over the image's."""
-    if kwargs['method'] == 'none':
-        return 0.0
-    if kwargs['method'] == 'swg':
-        from edm2_jax import perturb as P
-        size, stride = P.window_geometry(config, *(kwargs.get('window') or (None, None)))
-        crops = len(P.window_starts(config.img_resolution, size, stride)) ** 2
-        return crops * (size / config.img_resolution) ** 2
-    return 1.0
+SAMPLER_ARGS = ('method', 'guidance', 'strength', 'guide', 'blocks', 'window', 'rule', 'terms')
 
 
-def nfe_per_image(num_steps: int, guide_cost: float, interval=None, sigma_min=0.002, sigma_max=80.0,
-                  rho=7.0) -> float:
-    """Heun: 2N − 1 main evaluations (the last step has no correction); each one inside the guide
-    interval (σ_lo, σ_hi] adds `guide_cost`. The Euler evaluation of step i runs at t_i, its
-    correction at t_{i+1} (no churn). In-situ guides that share the main pass's prefix are counted
-    as full evaluations (an upper bound)."""
-    t = np.asarray(sampling.sigma_steps(num_steps, sigma_min, sigma_max, rho), np.float32)
-    sigmas = np.concatenate([t[:num_steps], t[1:num_steps]])   # Euler evals, then corrections
-    if interval is None:
-        guided = len(sigmas)
-    else:  # compared in float32, as the sampler does
-        lo, hi = np.float32(interval[0]), np.float32(interval[1])
-        guided = int(np.sum((sigmas > lo) & (sigmas <= hi)))
-    return float(len(sigmas) + guide_cost * guided)
+def nfe_per_image(kwargs: dict, config, num_steps: int) -> float:
+    """Network evaluations per image of sample(**kwargs) (`methods.nfe_per_image`)."""
+    terms = sampling.guidance_terms(**{k: v for k, v in kwargs.items() if k in SAMPLER_ARGS})
+    return registry.nfe_per_image(terms, config, num_steps, kwargs.get('interval'))

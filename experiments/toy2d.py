@@ -24,12 +24,12 @@ from tqdm.auto import tqdm
 
 from edm2_jax import checkpoint
 from edm2_jax import guidance as G
-from edm2_jax import perturb as P
+from edm2_jax import methods as registry
 from edm2_jax.toy import metrics as metrics_lib
 from edm2_jax.toy import fractal as mixture_lib
 from edm2_jax.toy import plot as plot_lib
 from edm2_jax.toy import train as train_lib
-from edm2_jax.toy.methods import Method, Model, Term
+from edm2_jax.toy.methods import Method, Model
 from edm2_jax.toy import methods as methods_lib
 from edm2_jax.toy.model import ToyConfig
 
@@ -70,38 +70,40 @@ INSITU_P_SCHEDULE = G.Schedule.linear([0.05, 1.0], [0.02, 0.1])  # declared befo
 
 def cfg(w, interval=None):
     name = f'cfg w={w:g}' if interval is None else f'cfg-interval w={w:g} ({interval[0]:g},{interval[1]:g}]'
-    return Method(name, (Term('cfg', w),), interval)
+    return Method(name, registry.terms('cfg', w, guide='cfg'), interval)
 
 
 def ag(w):
-    return Method(f'autoguidance w={w:g}', (Term('ag', w),))
+    return Method(f'autoguidance w={w:g}', registry.terms('autoguidance', w, guide='ag'))
 
 
-def insitu(p, w, main='main'):
-    prefix = 'in-situ' if main == 'main' else 'trained-dropout in-situ'
-    return Method(f'{prefix} p={p:g} w={w:g}', (Term('main', w, p),))
+def insitu(w, p, prefix='in-situ'):
+    return Method(f'{prefix} p={p:g} w={w:g}', registry.terms('insitu', w, p))
 
 
-def hybrid(guide, p, w):
-    return Method(f'hybrid-{guide} p={p:g} w={w:g}', (Term(guide, w, p),))
+def hybrid(w, p, guide):
+    return Method(f'hybrid-{guide} p={p:g} w={w:g}', registry.terms('hybrid', w, p, guide=guide))
 
 
-def two_term(guide, wc, wd, p):
-    return Method(f'{guide}+in-situ wc={wc:g} wd={wd:g} p={p:g}', (Term(guide, wc), Term('main', wd, p)))
+def two_term(wc, wd, p, guide):
+    """The guide model (weight wc) plus in-situ (weight wd, rate p)."""
+    name = 'cfg' if guide == 'cfg' else 'autoguidance'
+    return Method(f'{guide}+in-situ wc={wc:g} wd={wd:g} p={p:g}',
+                  registry.terms(name, wc, guide=guide) + registry.terms('insitu', wd, p))
 
 
 def insitu_schedule(w):
-    return Method(f'in-situ-sched w={w:g} p=0.02..0.1', (Term('main', w, INSITU_P_SCHEDULE),))
+    return Method(f'in-situ-sched w={w:g} p=0.02..0.1', registry.terms('insitu', w, INSITU_P_SCHEDULE))
 
 
-def skip_layer(layer, w):
+def skip_layer(w, layer):
     """Skip-layer guidance: the main model with hidden layer `layer` passing its input on (toy.model)."""
-    return Method(f'skip-layer l={layer} w={w:g}', (Term('main', w, perturbation=P.skip((layer,))),))
+    return Method(f'skip-layer l={layer} w={w:g}', registry.terms('slg', w, blocks=(layer,)))
 
 
-def sigma_shift(delta, w):
+def sigma_shift(w, delta):
     """Self-guidance at a noisier level: the main model evaluated at σ·(1 + δ) as the guide."""
-    return Method(f'sigma-shift δ={delta:g} w={w:g}', (Term('main', w, perturbation=P.sigma_shift(delta)),))
+    return Method(f'sigma-shift δ={delta:g} w={w:g}', registry.terms('sigma-shift', w, delta))
 
 
 SKIP_LAYERS = (1, 2, 3)          # the hidden layers of the default 4-layer MLP
@@ -112,15 +114,15 @@ def default_methods():
     """Each method's figure operating point plus a small grid (one training seed): the self-guidance
     rows (in-situ, skip-layer, sigma-shift) each on a 3 strengths × w ∈ {1, 2} grid."""
     return ([Method('none'), cfg(1.0), cfg(3.0), cfg(3.0, (0.28, 2.9)), ag(1.0), ag(2.0)]
-            + [insitu(p, w) for p in (0.02, 0.05, 0.1) for w in (1.0, 2.0)]
-            + [skip_layer(i, w) for i in SKIP_LAYERS for w in (1.0, 2.0)]
-            + [sigma_shift(d, w) for d in SHIFT_DELTAS for w in (1.0, 2.0)]
-            + [hybrid('ag', 0.05, 2.0), two_term('ag', 1.0, 1.0, 0.05), insitu_schedule(2.0)])
+            + [insitu(w, p) for p in (0.02, 0.05, 0.1) for w in (1.0, 2.0)]
+            + [skip_layer(w, i) for i in SKIP_LAYERS for w in (1.0, 2.0)]
+            + [sigma_shift(w, d) for d in SHIFT_DELTAS for w in (1.0, 2.0)]
+            + [hybrid(2.0, 0.05, 'ag'), two_term(1.0, 1.0, 0.05, 'ag'), insitu_schedule(2.0)])
 
 
 def quick_methods():
-    return [Method('none'), cfg(3.0), ag(2.0), insitu(0.05, 2.0), insitu(0.1, 2.0), skip_layer(2, 2.0),
-            sigma_shift(0.25, 2.0)]
+    return [Method('none'), cfg(3.0), ag(2.0), insitu(2.0, 0.05), insitu(2.0, 0.1), skip_layer(2.0, 2),
+            sigma_shift(2.0, 0.25)]
 
 
 def full_methods():
@@ -128,14 +130,14 @@ def full_methods():
     ws = (0.25, 0.5, 1.0, 2.0, 3.0)
     out = [Method('none')] + [cfg(w) for w in ws] + [ag(w) for w in ws]
     out += [cfg(w, iv) for w in (1.0, 2.0, 3.0) for iv in ((0.0, 1.0), (0.05, 1.0), (0.28, 2.9))]
-    out += [insitu(p, w) for p in (0.01, 0.02, 0.05, 0.1) for w in (0.25, 0.5, 1.0, 2.0)]
+    out += [insitu(w, p) for p in (0.01, 0.02, 0.05, 0.1) for w in (0.25, 0.5, 1.0, 2.0)]
     for guide in ('cfg', 'ag'):
         for p in (0.02, 0.05):
-            out += [two_term(guide, wc, wd, p) for wc in (0.25, 0.5, 1.0) for wd in (0.25, 0.5, 1.0)]
-            out += [hybrid(guide, p, w) for w in (1.0, 2.0)]
+            out += [two_term(wc, wd, p, guide) for wc in (0.25, 0.5, 1.0) for wd in (0.25, 0.5, 1.0)]
+            out += [hybrid(w, p, guide) for w in (1.0, 2.0)]
     out += [insitu_schedule(w) for w in (1.0, 2.0)]
-    out += [skip_layer(i, w) for i in SKIP_LAYERS for w in (0.25, 0.5, 1.0, 2.0)]
-    out += [sigma_shift(d, w) for d in (0.05,) + SHIFT_DELTAS + (1.0,) for w in (0.25, 0.5, 1.0, 2.0)]
+    out += [skip_layer(w, i) for i in SKIP_LAYERS for w in (0.25, 0.5, 1.0, 2.0)]
+    out += [sigma_shift(w, d) for d in (0.05,) + SHIFT_DELTAS + (1.0,) for w in (0.25, 0.5, 1.0, 2.0)]
     return out
 
 
@@ -212,7 +214,7 @@ def evaluate_methods(methods, models, noise, keys, reference, tau, key, desc, ke
 def zoom_start_points(key, n_candidates=4096, spacing=0.045, sigma=0.03):
     """Exact draws from p_A(·; 0.03) inside the zoom view, thinned greedily to a minimum spacing."""
     (cx, cy), h = plot_lib.ZOOM
-    x = np.asarray(mixture_lib.sample(mixture_lib.mixture('A'), key, n_candidates, sigma))
+    x = np.asarray(mixture_lib.draw(mixture_lib.mixture('A'), key, n_candidates, sigma))
     x = x[(np.abs(x[:, 0] - cx) < h) & (np.abs(x[:, 1] - cy) < h)]
     kept = []
     for p in x:
@@ -348,11 +350,10 @@ def main(argv):
     methods = quick_methods() if FLAGS.quick else full_methods() if FLAGS.full else default_methods()
     if FLAGS.sweep:
         have = {m.name for m in methods}
-        methods += [m for m in (insitu(p, w) for p in SWEEP_P for w in SWEEP_W) if m.name not in have]
+        methods += [m for m in (insitu(w, p) for p in SWEEP_P for w in SWEEP_W) if m.name not in have]
     if FLAGS.dropout_train_rate > 0:
         methods += [Method('trained-dropout none', ())] + [
-            Method(f'trained-dropout in-situ p={FLAGS.dropout_train_rate:g} w={w:g}',
-                   (Term('main', w, FLAGS.dropout_train_rate),)) for w in (1.0, 2.0)]
+            insitu(w, FLAGS.dropout_train_rate, 'trained-dropout in-situ') for w in (1.0, 2.0)]
     outdir = Path(FLAGS.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
@@ -369,8 +370,8 @@ def main(argv):
         for ss in sample_seeds:
             key = jax.random.key(ss)
             noise, keys = methods_lib.start_points(jax.random.fold_in(key, 0), n)
-            reference = mixture_lib.sample(mixture_lib.mixture('A'), jax.random.fold_in(key, 1), n)
-            exact = mixture_lib.sample(mixture_lib.mixture('A'), jax.random.fold_in(key, 2), n)
+            reference = mixture_lib.draw(mixture_lib.mixture('A'), jax.random.fold_in(key, 1), n)
+            exact = mixture_lib.draw(mixture_lib.mixture('A'), jax.random.fold_in(key, 2), n)
             mkey = jax.random.fold_in(key, 3)
             res = {'exact': metrics_lib.evaluate(exact, reference, tau=tau, key=mkey)}
             runs.append(res)

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 
 from edm2_jax import EDM2Config, Network
+from edm2_jax import denoiser as D
 from edm2_jax import guidance as G
+from edm2_jax import perturb as P
+from edm2_jax import methods as M
 from edm2_jax import sampling as S
 from test_sampling import TRACES, Recorded, run_recorded
 
@@ -156,7 +159,7 @@ def batch(nets):
 
 def insitu(net, inputs, fusion='prefix', w=1.0, p=0.2, **kwargs):
     return S.sample(net, inputs.noise, inputs.class_labels, method='insitu', guidance=1 + w,
-                    dropout_rate=p, perturb='decoder', fusion=fusion, num_steps=STEPS, keys=inputs.keys,
+                    strength=p, blocks='decoder', fusion=fusion, num_steps=STEPS, keys=inputs.keys,
                     **kwargs)
 
 
@@ -164,7 +167,7 @@ def insitu(net, inputs, fusion='prefix', w=1.0, p=0.2, **kwargs):
 def insitu_runs(nets, batch):
     net = nets[0]
     runs = {}
-    for fusion in G.FUSIONS:
+    for fusion in D.FUSIONS:
         runs[fusion] = run_recorded(lambda: insitu(net, batch, fusion))
     runs['none'] = run_recorded(lambda: S.sample(net, batch.noise, batch.class_labels, num_steps=STEPS))
     return runs
@@ -173,8 +176,8 @@ def insitu_runs(nets, batch):
 def test_insitu_fused_unfused_and_prefix_agree(insitu_runs):
     (fused, fcalls), (unfused, ucalls), (prefix, pcalls) = (insitu_runs[f] for f in ('fused', 'unfused', 'prefix'))
     n_evals = 2 * STEPS - 1
-    assert [(c[0], c[2]) for c in fcalls] == [('net.paired', 8)] * n_evals
-    assert [(c[0], c[2]) for c in pcalls] == [('net.paired', 8)] * n_evals
+    assert [(c[0], c[2]) for c in fcalls] == [('net', 16)] * n_evals
+    assert [(c[0], c[2]) for c in pcalls] == [('net.stacked2', 8)] * n_evals
     assert [(c[0], c[2]) for c in ucalls] == [('net', 8)] * (2 * n_evals)
     assert_close(fused, unfused)
     assert_close(prefix, fused)
@@ -214,7 +217,7 @@ def test_interval_skips_real_network_evaluations(nets, batch):
     for lo, hi in [(1.0, 20.0), (0.01, 2.0)]:
         out, calls = run_recorded(lambda: insitu(net, batch, interval=(lo, hi)))
         inside = [lo < s <= hi for s in evals]
-        assert [c[0] for c in calls] == ['net.paired' if g else 'net' for g in inside]
+        assert [c[0] for c in calls] == ['net.stacked2' if g else 'net' for g in inside]
         assert 0 < sum(inside) < len(evals)
     traces = len(TRACES)
     insitu(net, batch, interval=(0.5, 3.0), w=2.0, p=0.1)
@@ -225,11 +228,11 @@ def test_sum_of_terms_fused_equals_unfused(nets, batch):
     """in-situ + CFG by null label (both share the main network: one pass over [x; x; x]) + a hybrid
     guide (a separate network with its own dropout, its own pass)."""
     net, gnet = nets
-    terms = [G.insitu(0.5, G.Schedule.linear([0.1, 10.0], [0.05, 0.3]), 'decoder'), G.cfg(0.3),
-             G.hybrid(gnet, 0.4, 0.1, 'encoder')]
+    terms = [M.term('insitu', 0.5, G.Schedule.linear([0.1, 10.0], [0.05, 0.3]), blocks='decoder'),
+             M.term('cfg', 0.3), M.term('hybrid', 0.4, 0.1, guide=gnet, blocks='encoder')]
     outs = {}
     for fusion in ('fused', 'unfused'):
-        outs[fusion] = run_recorded(lambda: S.sample(net, batch.noise, batch.class_labels, method='sum',
+        outs[fusion] = run_recorded(lambda: S.sample(net, batch.noise, batch.class_labels, 
                                                      terms=terms, fusion=fusion, num_steps=STEPS,
                                                      keys=batch.keys))
     n_evals = 2 * STEPS - 1
@@ -240,17 +243,16 @@ def test_sum_of_terms_fused_equals_unfused(nets, batch):
 
 def test_guidance_errors(nets, batch):
     net, gnet = nets
-    with pytest.raises(ValueError, match='same blocks'):
-        S.sample(net, batch.noise, batch.class_labels, method='sum', keys=batch.keys,
-                 terms=[G.insitu(1.0, 0.1, 'decoder'), G.insitu(1.0, 0.1, 'encoder')])
     with pytest.raises(ValueError, match=r'\[0, 1\)'):
-        S.sample(net, batch.noise, batch.class_labels, method='sum', keys=batch.keys,
-                 terms=[G.hybrid(gnet, 1.0, G.Schedule.linear([1.0, 2.0], [0.1, 1.5]))])
+        S.sample(net, batch.noise, batch.class_labels, keys=batch.keys,
+                 terms=[M.term('hybrid', 1.0, G.Schedule.linear([1.0, 2.0], [0.1, 1.5]), guide=gnet)])
     with pytest.raises(ValueError, match='unknown blocks'):
-        S.sample(net, batch.noise, batch.class_labels, method='insitu', dropout_rate=0.1,
-                 perturb=['dec.99x99_block0'], keys=batch.keys)
-    with pytest.raises(ValueError, match="method='sum'"):
-        S.sample(net, batch.noise, batch.class_labels, terms=[G.cfg(1.0)])
+        S.sample(net, batch.noise, batch.class_labels, method='insitu', strength=0.1,
+                 blocks=['dec.99x99_block0'], keys=batch.keys)
+    with pytest.raises(ValueError, match='give no method'):
+        S.sample(net, batch.noise, batch.class_labels, method='cfg', terms=[M.term('cfg', 1.0)])
+    with pytest.raises(ValueError, match='needs its strength'):
+        S.sample(net, batch.noise, batch.class_labels, method='insitu', guidance=2.0, keys=batch.keys)
     with pytest.raises(ValueError, match="'insitu' guides with the main network"):
         S.sample(net, batch.noise, batch.class_labels, method='insitu', guide=gnet, keys=batch.keys)
 
@@ -307,7 +309,7 @@ def test_a_separate_guide_with_a_4_step_interval_costs_8_evaluations(nets, batch
     net, gnet = nets
     steps = 6
     out, calls = run_recorded(lambda: S.sample(
-        net, batch.noise, batch.class_labels, method='sum', num_steps=steps, keys=batch.keys,
+        net, batch.noise, batch.class_labels, num_steps=steps, keys=batch.keys,
         terms=[G.Term(0.4, guide=gnet, interval=G.Interval.steps(1, 4, num_steps=steps))]))
     evals = heun_evals(steps)
     assert [(c[0], c[2]) for c in calls] == sum(([('net', 8), ('gnet', 8)] if 1 <= i <= 4 else [('net', 8)]
@@ -328,7 +330,7 @@ def interval_terms(gnet, as_schedules=False):
         if as_schedules:
             return G.Term(G.Schedule.constant(list(lo_hi), [0.0, w, 0.0]), **kw)
         return G.Term(w, interval=G.Interval.sigmas(*lo_hi), **kw)
-    return [term(0.5, INTERVALS[0], dropout_rate=0.2, perturb='decoder'), term(0.3, INTERVALS[1], null_label=True),
+    return [term(0.5, INTERVALS[0], perturbation=P.dropout(0.2, 'decoder')), term(0.3, INTERVALS[1], null_label=True),
             term(0.4, INTERVALS[2], guide=gnet)]
 
 
@@ -338,8 +340,8 @@ def expected_calls(fusion, evals):
         a = [int(lo < s <= hi) for lo, hi in INTERVALS]
         if fusion == 'unfused':
             calls += [('net', 8)] + [('net', 8)] * (a[0] + a[1])
-        else:  # one fused pass over the active shared terms: paired (in-situ alone) or [x; x; …]
-            calls.append(('net.paired', 8) if a[0] and not a[1] else ('net', 8 * (1 + a[0] + a[1])))
+        else:  # one fused pass over the active shared terms: prefix-shared (in-situ alone) or [x; x; …]
+            calls.append(('net.stacked2', 8) if a[0] and not a[1] else ('net', 8 * (1 + a[0] + a[1])))
         calls += [('gnet', 8)] * a[2]
     return calls
 
@@ -353,7 +355,7 @@ def test_per_term_intervals_skip_inactive_passes(nets, batch, fusion):
     steps = 6
 
     def run(as_schedules):
-        return run_recorded(lambda: S.sample(net, batch.noise, batch.class_labels, method='sum',
+        return run_recorded(lambda: S.sample(net, batch.noise, batch.class_labels, 
                                              terms=interval_terms(gnet, as_schedules), fusion=fusion,
                                              num_steps=steps, keys=batch.keys))
     (gated, calls), (previous, previous_calls) = run(False), run(True)
@@ -372,15 +374,15 @@ def test_per_term_intervals_skip_inactive_passes(nets, batch, fusion):
 def test_beyond_the_switch_cap_the_fused_pass_runs_whole_or_not(nets, batch, monkeypatch):
     """With more gated shared terms than MAX_SWITCH_TERMS: all shared guides while any is active,
     the main pass alone while none is."""
-    monkeypatch.setattr(G, 'MAX_SWITCH_TERMS', 1)
+    monkeypatch.setattr(D, 'MAX_SWITCH_TERMS', 1)
     net, gnet = nets
     inputs = S.SeedInputs(*(a[:4] for a in batch))  # another shape: a fresh trace under the cap
-    out, calls = run_recorded(lambda: S.sample(net, inputs.noise, inputs.class_labels, method='sum',
+    out, calls = run_recorded(lambda: S.sample(net, inputs.noise, inputs.class_labels, 
                                                terms=interval_terms(gnet)[:2], fusion='fused', num_steps=6,
                                                keys=inputs.keys))
     on = [any(lo < s <= hi for lo, hi in INTERVALS[:2]) for s, _ in heun_evals(6)]
     assert [(c[0], c[2]) for c in calls] == [('net', 12 if a else 4) for a in on]
-    reference = run_recorded(lambda: S.sample(net, inputs.noise, inputs.class_labels, method='sum',
+    reference = run_recorded(lambda: S.sample(net, inputs.noise, inputs.class_labels, 
                                               terms=interval_terms(gnet, True)[:2], fusion='fused',
                                               num_steps=6, keys=inputs.keys))[0]
     assert_close(out, reference)

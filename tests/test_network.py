@@ -90,8 +90,8 @@ def test_bad_inputs_are_refused(ref):
     with pytest.raises(ValueError, match='class_labels'):
         net(x, s, c[:, :5])
     with pytest.raises(ValueError, match=r'\[0, 1\)'):
-        net(x, s, c, dropout_rate=1.0, dropout_key=jax.random.key(0))
-    with pytest.raises(ValueError, match='dropout_key'):
+        net(x, s, c, dropout_rate=1.0, keys=jax.random.key(0))
+    with pytest.raises(ValueError, match='need keys'):
         net(x, s, c, dropout_rate=0.1)
     with pytest.raises(ValueError, match='unknown blocks'):
-        net(x, s, c, dropout_rate=0.1, dropout_key=jax.random.key(0), perturb=['enc.99x99_block0'])
+        net(x, s, c, dropout_rate=0.1, keys=jax.random.key(0), blocks=['enc.99x99_block0'])

@@ -10,7 +10,9 @@ import pytest
 
 from edm2_jax import EDM2Config, Network
 from edm2_jax import guidance as G
+from edm2_jax import methods as M
 from edm2_jax import perturb as P
+from edm2_jax import rules as R
 from edm2_jax import sampling as S
 from edm2_jax.network import _apply
 
@@ -63,7 +65,7 @@ def setup():
 def test_zero_strength_is_bit_identical(setup):
     net, x, s, c, keys = setup
     plain = np.asarray(net(x, s, c))
-    zero = np.asarray(net(x, s, c, perturbation=kinds(jnp.zeros((6, N))), dropout_key=keys))
+    zero = np.asarray(net(x, s, c, perturbation=kinds(jnp.zeros((6, N))), keys=keys))
     np.testing.assert_array_equal(zero, plain)
     np.testing.assert_array_equal(np.asarray(net(x, s, c, perturbation=P.window(8, 3))), plain)  # whole image
 
@@ -71,7 +73,7 @@ def test_zero_strength_is_bit_identical(setup):
 def test_rows_independent_keyed_and_deterministic(setup):
     net, x, s, c, keys = setup
     diag = np.diag(ON).astype(np.float32)  # row k: kind k only
-    run = lambda x, keys: np.asarray(net(x, s, c, perturbation=kinds(jnp.asarray(diag)), dropout_key=keys))
+    run = lambda x, keys: np.asarray(net(x, s, c, perturbation=kinds(jnp.asarray(diag)), keys=keys))
     a = run(x, keys)
     np.testing.assert_array_equal(run(x, keys), a)  # deterministic for fixed keys
     plain = np.asarray(net(x, s, c))
@@ -82,7 +84,7 @@ def test_rows_independent_keyed_and_deterministic(setup):
     for i in (1, 2, 3, 4):  # rows 0 and 5 changed: nothing else moves
         np.testing.assert_array_equal(b[i], a[i])
     assert np.abs(b[0] - a[0]).max() > 1e-4  # dropout's mask follows the key
-    shuffled = [np.asarray(net(x, s, c, perturbation=one_kind(4), dropout_key=k))
+    shuffled = [np.asarray(net(x, s, c, perturbation=one_kind(4), keys=k))
                 for k in (keys, jax.random.split(jax.random.key(8), N))]
     assert np.all(np.abs(shuffled[0] - shuffled[1]).reshape(N, -1).max(axis=1) > 1e-4)  # keyed shuffle
 
@@ -95,8 +97,8 @@ def test_fused_stacked_pass_equals_separate_passes(setup):
         rows[k, 1 + k] = ON[k]
     keys7 = jnp.concatenate([keys] * 7)
     fused = np.asarray(net.stacked(x, s, c, copies=7, perturbation=kinds(jnp.asarray(rows.reshape(6, -1))),
-                                   dropout_key=keys7)).reshape(7, N, 8, 8, 2)
-    separate = [np.asarray(net(x, s, c))] + [np.asarray(net(x, s, c, perturbation=one_kind(k), dropout_key=keys))
+                                   keys=keys7)).reshape(7, N, 8, 8, 2)
+    separate = [np.asarray(net(x, s, c))] + [np.asarray(net(x, s, c, perturbation=one_kind(k), keys=keys))
                                               for k in range(6)]
     for j in range(7):
         np.testing.assert_allclose(fused[j], separate[j], rtol=0, atol=FUSED_ATOL, err_msg=str(j))
@@ -173,8 +175,7 @@ def test_attention_identity_and_skip_match_the_documented_formulas(setup):
     strengths[0, :2], strengths[1, 2:4] = 1.0, 1.0  # rows 0-1 identity, 2-3 skip, 4-5 plain
     perts = P.check_strengths(P.resolve(CONFIG, [P.attention_identity([name], strengths[0]),
                                                  P.skip([name], strengths[1])]), N)
-    apply = jax.jit(lambda v, x, s, c, perts: net.module.apply(v, x, s, c, None, None, frozenset(), None,
-                                                               False, perts, mutable=['intermediates']))
+    apply = jax.jit(lambda v, x, s, c, perts: net.module.apply(v, x, s, c, perts, mutable=['intermediates']))
     _, state = apply(net.variables, jnp.asarray(x), jnp.asarray(s), jnp.asarray(c), perts)
     acts = {k: np.asarray(v[0], np.float64) for k, v in state['intermediates']['unet'].items()}
     params = jax.tree.map(np.asarray, net.variables['params']['unet']['enc_4x4_block0'])
@@ -192,7 +193,7 @@ def test_window_with_tiles_equals_the_network_on_each_tile(setup):
     for i in (0, 4):
         for j in (0, 4):
             tile = _apply(CONFIG, net.dtype, net.variables, jnp.asarray(x[:, i:i + 4, j:j + 4]), jnp.asarray(s),
-                          jnp.asarray(c), None, None)
+                          jnp.asarray(c))
             np.testing.assert_allclose(out[:, i:i + 4, j:j + 4], np.asarray(tile), rtol=0, atol=FUSED_ATOL)
     overlapping = np.asarray(net(x, s, c, perturbation=P.window(4, 2)))  # 9 crops, averaged
     assert np.abs(overlapping - out).max() > 1e-3
@@ -234,10 +235,6 @@ class Counted:
         self._log(self.name, x.shape[0])
         return self.net(x, *args, **kwargs)
 
-    def paired(self, x, *args, **kwargs):
-        self._log(self.name + '.paired', 2 * x.shape[0])
-        return self.net.paired(x, *args, **kwargs)
-
     def stacked(self, x, *args, copies, **kwargs):
         self._log(self.name + '.stacked', copies * x.shape[0])
         return self.net.stacked(x, *args, copies=copies, **kwargs)
@@ -249,11 +246,12 @@ def test_three_terms_cost_what_they_should(setup):
     net = Counted(setup[0], 'net')
     gnet = Counted(random_network(CONFIG, seed=4), 'gnet')
     inputs = S.network_inputs(net, np.arange(4))
-    terms = [G.insitu(0.5, 0.1, 'decoder'), G.pag(0.3, 'decoder'), G.autoguidance(gnet, 0.4)]
+    terms = [M.term('insitu', 0.5, 0.1, blocks='decoder'), M.term('pag', 0.3, blocks='decoder'),
+             M.term('autoguidance', 0.4, guide=gnet)]
     steps, outs = 2, {}
     for fusion in ('prefix', 'unfused'):
         CALLS.clear()
-        outs[fusion] = np.asarray(S.sample(net, inputs.noise, inputs.class_labels, method='sum', terms=terms,
+        outs[fusion] = np.asarray(S.sample(net, inputs.noise, inputs.class_labels, terms=terms,
                                            fusion=fusion, num_steps=steps, keys=inputs.keys))
         jax.effects_barrier()
         outs[fusion + '_calls'] = list(CALLS)
@@ -283,10 +281,10 @@ def test_apg_rule():
     rng = np.random.default_rng(1)
     deltas, mains = rng.standard_normal((3, 4, 5, 2)), rng.standard_normal((3, 4, 5, 2))
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
-    linear, _ = G.APG(1.0, 0.0, 0.0)(f32(deltas[0]), f32(mains[0]), jnp.zeros((4, 5, 2)))
+    linear, _ = R.APG(1.0, 0.0, 0.0)(f32(deltas[0]), f32(mains[0]), jnp.zeros((4, 5, 2)))
     np.testing.assert_allclose(np.asarray(linear), deltas[0], rtol=0, atol=1e-6)  # η = 1, no r, no β: linear
     for eta, r, beta in [(0.0, 2.0, -0.5), (0.5, 0.0, 0.3)]:
-        rule, state, got = G.APG(eta, r, beta), jnp.zeros((4, 5, 2)), []
+        rule, state, got = R.APG(eta, r, beta), jnp.zeros((4, 5, 2)), []
         for d, m in zip(deltas, mains):
             out, state = rule(f32(d), f32(m), state)
             got.append(np.asarray(out))
@@ -297,7 +295,7 @@ def test_apg_momentum_is_sampler_state():
     """With analytic denoisers, the Heun sampler carries APG's running average across evaluations."""
     main = lambda x, s, i, k: 0.5 * x  # noqa: E731
     guide = lambda x, s, i, k: 0.2 * x + 0.1  # noqa: E731
-    rule = G.APG(0.0, 0.0, -0.5)
+    rule = R.APG(0.0, 0.0, -0.5)
     denoise = G.guided(main, G.separately(main, guide), [jnp.float32(1.0)], rules=[rule])
     inputs = S.seed_inputs(np.arange(3), (4, 2))
     out = np.asarray(S.heun_sampler(denoise, inputs.noise, inputs.keys, num_steps=3, sigma_max=5.0))
@@ -323,16 +321,6 @@ def test_apg_momentum_is_sampler_state():
     assert np.abs(out - linear).max() > 1e-3
 
 
-def test_presets_build_their_perturbation():
-    net = Network(CONFIG, {})  # no weights needed: nothing is evaluated
-    got = {m: S._perturb_term(net, m, None, 2.0, 0.0, None, None, 0.5 if m == 'sigma-shift' else None)
-           for m in S.PERTURB_METHODS}
-    assert {m: t.perturbation.kind for m, t in got.items()} == {
-        'pag': 'attention_identity', 'slg': 'skip', 'seg': 'attention_blur', 'tpg': 'token_shuffle',
-        'sigma-shift': 'sigma_shift', 'swg': 'window'}
-    assert all(float(t.weight) == 1.0 for t in got.values())
-
-
 def test_errors_before_compiling():
     no_attn = CONFIG.replace(attn_resolutions=(), channels_per_head=64)  # 0 heads, even in the bottleneck
     with pytest.raises(ValueError, match='has none'):
@@ -356,5 +344,5 @@ def test_errors_before_compiling():
     noise = np.zeros((2, 8, 8, 2), np.float32)
     with pytest.raises(ValueError, match='has none'):
         S.sample(net, noise, method='pag')
-    with pytest.raises(ValueError, match='dropout_key'):
+    with pytest.raises(ValueError, match='need keys'):
         Network(CONFIG, {})(noise, 1.0, perturbation=P.token_shuffle())

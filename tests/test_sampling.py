@@ -35,10 +35,6 @@ class Recorded:
         self._log(self.name, x, sigma)
         return self.net(x, sigma, class_labels, **kwargs)
 
-    def paired(self, x, sigma, class_labels=None, **kwargs):
-        self._log(self.name + '.paired', x, sigma)
-        return self.net.paired(x, sigma, class_labels, **kwargs)
-
     def stacked(self, x, sigma, class_labels=None, *, copies, **kwargs):
         self._log(f'{self.name}.stacked{copies}', x, sigma)
         return self.net.stacked(x, sigma, class_labels, copies=copies, **kwargs)
@@ -232,20 +228,20 @@ def test_argument_errors(sampler_ref):
         (dict(dtype=jnp.int32), 'float32 or float64'),
         (dict(class_labels=labels[:3]), 'class_labels must have shape'),
         (dict(noise=noise[..., :3]), 'NHWC'),
-        (dict(method='insitu', guidance=2.0, dropout_rate=1.0, keys=keys), r'\[0, 1\)'),
-        (dict(method='insitu', guidance=2.0, dropout_rate=-0.1, keys=keys), r'\[0, 1\)'),
-        (dict(method='insitu', guidance=2.0, dropout_rate=0.1), 'keys'),
-        (dict(method='insitu', guidance=2.0, dropout_rate=0.1, keys=keys[:2]), 'one per sample'),
+        (dict(method='insitu', guidance=2.0, strength=1.0, keys=keys), r'\[0, 1\)'),
+        (dict(method='insitu', guidance=2.0, strength=-0.1, keys=keys), r'\[0, 1\)'),
+        (dict(method='insitu', guidance=2.0, strength=0.1), 'keys'),
+        (dict(method='insitu', guidance=2.0, strength=0.1, keys=keys[:2]), 'one per sample'),
         (dict(method='autoguidance', guidance=2.0), 'needs a guide'),
         (dict(method='autoguidance', guide=gnet.replace(config=gnet.config.replace(img_channels=3))),
          'images'),
         (dict(method='autoguidance', guide=gnet.replace(config=gnet.config.replace(label_dim=7))),
          'label_dim'),
         (dict(method='cfg', guide=gnet), 'unconditional'),
-        (dict(method='none', guidance=2.0), "method 'none'"),
+        (dict(method='none', guidance=2.0), 'needs a guidance method'),
         (dict(method='magic'), 'unknown guidance method'),
-        (dict(method='insitu', dropout_rate=0.1, keys=keys, interval=(2.0, 1.0)), 'σ_lo < σ_hi'),
-        (dict(method='insitu', dropout_rate=0.1, keys=keys, interval_steps=(3, 40)), 'step interval'),
+        (dict(method='insitu', strength=0.1, keys=keys, interval=(2.0, 1.0)), 'σ_lo < σ_hi'),
+        (dict(method='insitu', strength=0.1, keys=keys, interval_steps=(3, 40)), 'step interval'),
         (dict(interval=(0.1, 1.0)), 'needs a guidance method'),
         (dict(fusion='half'), 'fusion'),
     ]

@@ -164,22 +164,11 @@ def test_grid_edges():
 
 
 def test_nfe_closed_form(study_run):
-    from experiments import study_methods as SM
     _, res = study_run
     m = res['models']['main']
     base = 2 * STEPS - 1
     assert tuned_entry(m['none'])['nfe_per_image'] == base
     assert all(e['nfe_per_image'] == 2 * base for e in m['insitu'].values())
-    # A σ-interval (lo, hi]: the guide runs at the evaluations whose σ lies inside it.
-    n, (lo, hi) = 8, (0.28, 5.42)
-    t = t_steps(n)
-    evals = np.concatenate([t, t[1:]])                               # Euler at t_i, corrections at t_{i+1}
-    assert SM.nfe_per_image(n, 1.0, (lo, hi)) == 2 * n - 1 + np.sum((evals > lo) & (evals <= hi))
-    assert SM.nfe_per_image(n, 1.0, (lo, hi)) < SM.nfe_per_image(n, 1.0)
-    # swg on 16×16 (U-Net granularity 2): 8×8 windows at stride 4 → 3 × 3 crops of a quarter image each.
-    cfg = types.SimpleNamespace(img_resolution=16, channel_mult=(1, 2))
-    assert SM.guide_cost(dict(method='swg'), cfg) == 9 / 4
-    assert SM.nfe_per_image(5, 9 / 4) == 9 * (1 + 9 / 4)
 
 
 def test_rerun_skips_everything(study_run, nets, monkeypatch):

@@ -54,7 +54,7 @@ def test_sliced_wasserstein_of_a_shift():
 
 def test_degenerate_sample_sets():
     mix = M.mixture('A')
-    ref = M.sample(mix, jax.random.key(0), 4096)
+    ref = M.draw(mix, jax.random.key(0), 4096)
     means = np.asarray(mix.means)
     collapsed = np.repeat(means[:1], 4096, axis=0) + 1e-4 * np.random.default_rng(0).normal(size=(4096, 2))
     r = K.evaluate(collapsed, ref, tau=-1.84, key=jax.random.key(1))

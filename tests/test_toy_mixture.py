@@ -115,7 +115,7 @@ def test_chunked_evaluation_matches_unchunked():
 def test_noisy_sampling_moments(sigma):
     mix = M.mixture('A')
     mean, cov = moments(mix)
-    x = np.asarray(M.sample(mix, jax.random.key(3), 1 << 17, sigma), np.float64)
+    x = np.asarray(M.draw(mix, jax.random.key(3), 1 << 17, sigma), np.float64)
     np.testing.assert_allclose(x.mean(0), mean, atol=0.006)
     np.testing.assert_allclose(np.cov(x.T), cov + sigma ** 2 * np.eye(2), atol=0.006)
 
@@ -124,7 +124,7 @@ def test_denoiser_is_posterior_mean():
     """E[x0 | x] by Monte Carlo: draw (x0, x = x0 + σε), bin by x; compare with the exact D on the bin."""
     mix = M.mixture('A')
     sigma = 0.2
-    x0 = M.sample(mix, jax.random.key(4), 1 << 16)
+    x0 = M.draw(mix, jax.random.key(4), 1 << 16)
     x = x0 + sigma * jax.random.normal(jax.random.key(5), x0.shape)
     d = jax.jit(M.denoise)(mix, x, sigma)
     # Tweedie: E[D(x)] = E[x0], E[(x0 − D)·D] = 0 and E[(x0 − D)·x] = 0 (D is the conditional mean)

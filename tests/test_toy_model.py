@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from edm2_jax import training
+from edm2_jax import Term, training
+from edm2_jax import methods as registry
 from edm2_jax.toy import metrics, methods
 from edm2_jax.toy import fractal as M
 from edm2_jax.toy import model as T
@@ -42,15 +43,15 @@ def test_dropout_semantics(readout):
     s = jnp.full((6,), 0.3)
     keys = jax.random.split(jax.random.key(2), 6)
     plain = denoise(p, c, x, s)
-    np.testing.assert_array_equal(np.asarray(denoise(p, c, x, s, dropout_rate=0.0, dropout_keys=keys)),
+    np.testing.assert_array_equal(np.asarray(denoise(p, c, x, s, dropout_rate=0.0, keys=keys)),
                                   np.asarray(plain))
-    drop = denoise(p, c, x, s, dropout_rate=0.3, dropout_keys=keys)
+    drop = denoise(p, c, x, s, dropout_rate=0.3, keys=keys)
     assert np.all(np.abs(np.asarray(drop - plain)).max(axis=1) > 0)
     perm = jnp.array([3, 0, 5, 1, 2, 4])   # row i depends only on keys[i]
     np.testing.assert_allclose(np.asarray(denoise(p, c, x[perm], s[perm], dropout_rate=0.3,
-                                                    dropout_keys=keys[perm])), np.asarray(drop[perm]), rtol=1e-5)
+                                                    keys=keys[perm])), np.asarray(drop[perm]), rtol=1e-5)
     rates = jnp.array([0.0, 0.3, 0.0, 0.3, 0.0, 0.3])   # per-example rates
-    mixed = denoise(p, c, x, s, dropout_rate=rates, dropout_keys=keys)
+    mixed = denoise(p, c, x, s, dropout_rate=rates, keys=keys)
     np.testing.assert_allclose(np.asarray(mixed[0::2]), np.asarray(plain[0::2]), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(mixed[1::2]), np.asarray(drop[1::2]), rtol=1e-6)
 
@@ -62,12 +63,12 @@ def test_energy_dropout_mask_fixed_under_differentiation():
     x = jnp.array([[0.2, 0.4], [0.7, 1.0]])
     s = jnp.array([0.1, 0.4])
     keys = jax.random.split(jax.random.key(4), 2)
-    d = denoise(p, c, x, s, dropout_rate=0.2, dropout_keys=keys)
+    d = denoise(p, c, x, s, dropout_rate=0.2, keys=keys)
     h = 1e-3
     grads = []
     for j in range(2):
         e = jnp.zeros(2).at[j].set(h)
-        f = lambda y: log_density(p, c, y, s, dropout_rate=0.2, dropout_keys=keys)  # noqa: E731
+        f = lambda y: log_density(p, c, y, s, dropout_rate=0.2, keys=keys)  # noqa: E731
         grads.append((f(x + e) - f(x - e)) / (2 * h))
     fd = x + s[:, None] ** 2 * jnp.stack(grads, axis=1)
     np.testing.assert_allclose(np.asarray(d), np.asarray(fd), rtol=2e-3, atol=2e-4)
@@ -146,8 +147,8 @@ def test_exact_ode_reproduces_exact_samples(start):
     """The sampler with the exact score lands within the exact-vs-exact noise floor."""
     noise, keys = start
     x = methods.sample(methods.Method('exact_ode'), {}, noise, keys)
-    ref = M.sample(M.mixture('A'), jax.random.key(1), 2048)
-    exact = M.sample(M.mixture('A'), jax.random.key(2), 2048)
+    ref = M.draw(M.mixture('A'), jax.random.key(1), 2048)
+    exact = M.draw(M.mixture('A'), jax.random.key(2), 2048)
     k = jax.random.key(3)
     got, floor = (metrics.evaluate(a, ref, tau=-1.84, key=k) for a in (x, exact))
     assert abs(got['logp_median'] - floor['logp_median']) < 0.1
@@ -163,7 +164,7 @@ def test_guided_sampling_and_trajectory(start):
     models = {'main': methods.Model(_trained_like(c, jax.random.key(0)), c),
               'ag': methods.Model(_trained_like(c, jax.random.key(1)), c)}
     n = 32
-    m = methods.Method('mix', (methods.Term('ag', 1.0), methods.Term('main', 0.5, 0.1)))
+    m = methods.Method('mix', registry.terms('autoguidance', 1.0, guide='ag') + registry.terms('insitu', 0.5, 0.1))
     t = methods.time_steps(num_steps=8)
     x = methods.sample(m, models, noise[:n], keys[:n], t)
     traj = methods.sample(m, models, noise[:n], keys[:n], t, trajectory=True)
@@ -172,9 +173,9 @@ def test_guided_sampling_and_trajectory(start):
     np.testing.assert_allclose(np.asarray(traj[-1]), np.asarray(x), rtol=1e-4, atol=1e-5)
     # w = 0 terms leave the unguided result
     none = methods.sample(methods.Method('none'), models, noise[:n], keys[:n], t)
-    zero = methods.sample(methods.Method('z', (methods.Term('ag', 0.0),)), models, noise[:n], keys[:n], t)
+    zero = methods.sample(methods.Method('z', (Term(0.0, 'ag'),)), models, noise[:n], keys[:n], t)
     np.testing.assert_allclose(np.asarray(zero), np.asarray(none), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match='unknown guide'):
-        methods.sample(methods.Method('bad', (methods.Term('cfg', 1.0),)), models, noise[:n], keys[:n], t)
-    with pytest.raises(ValueError, match='dropout rate'):
-        methods.sample(methods.Method('bad', (methods.Term('main', 1.0),)), models, noise[:n], keys[:n], t)
+        methods.sample(methods.Method('bad', (Term(1.0, 'cfg'),)), models, noise[:n], keys[:n], t)
+    with pytest.raises(ValueError, match='needs a perturbation'):
+        methods.sample(methods.Method('bad', (Term(1.0),)), models, noise[:n], keys[:n], t)

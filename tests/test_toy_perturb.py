@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from edm2_jax import Term
 from edm2_jax import perturb as P
 from edm2_jax.toy import methods
 from edm2_jax.toy import model as T
@@ -66,7 +67,7 @@ def test_zero_strength_is_the_plain_model(setup):
     plain = np.asarray(denoise(p, c, x, s))
     keys = jax.random.split(jax.random.key(1), N)
     for pert, kw in [(P.skip(()), {}), (P.skip((1, 2, 3), 0.0), {}), (P.sigma_shift(0.0), {}),
-                     (P.dropout(0.0), dict(dropout_keys=keys)), ([P.skip(2, 0.0), P.sigma_shift(0.0)], {})]:
+                     (P.dropout(0.0), dict(keys=keys)), ([P.skip(2, 0.0), P.sigma_shift(0.0)], {})]:
         np.testing.assert_array_equal(np.asarray(denoise(p, c, x, s, perturbation=pert, **kw)), plain)
 
 
@@ -109,8 +110,8 @@ def test_per_example_strengths(setup):
     np.testing.assert_allclose(mixed[rows], full[rows], rtol=1e-6, atol=1e-7)
     keys = jax.random.split(jax.random.key(1), N)  # dropout as a perturbation = the dropout_rate path
     np.testing.assert_array_equal(
-        np.asarray(denoise(p, c, x, s, perturbation=P.dropout(0.2), dropout_keys=keys)),
-        np.asarray(denoise(p, c, x, s, dropout_rate=0.2, dropout_keys=keys)))
+        np.asarray(denoise(p, c, x, s, perturbation=P.dropout(0.2), keys=keys)),
+        np.asarray(denoise(p, c, x, s, dropout_rate=0.2, keys=keys)))
 
 
 def test_zero_strength_guidance_is_a_no_op():
@@ -122,10 +123,10 @@ def test_zero_strength_guidance_is_a_no_op():
     t = methods.time_steps(num_steps=6)
     none = np.asarray(methods.sample(methods.Method('none'), models, noise, keys, t))
     for pert in (P.skip(()), P.sigma_shift(0.0)):
-        m = methods.Method('zero', (methods.Term('main', 2.0, perturbation=pert),))
+        m = methods.Method('zero', (Term(2.0, perturbation=pert),))
         np.testing.assert_array_equal(np.asarray(methods.sample(m, models, noise, keys, t)), none)
     for pert in (P.skip((2,)), P.sigma_shift(0.3)):  # and a real strength changes the samples
-        m = methods.Method('on', (methods.Term('main', 1.0, perturbation=pert),))
+        m = methods.Method('on', (Term(1.0, perturbation=pert),))
         assert np.abs(np.asarray(methods.sample(m, models, noise, keys, t)) - none).max() > 1e-3
 
 
@@ -139,11 +140,11 @@ def test_errors():
                         (P.Perturbation('sigma_shift', 0.1, (1,)), 'no layers')]:
         with pytest.raises(ValueError, match=match):
             T.denoise(p, c, x, s, perturbation=pert)
-    with pytest.raises(ValueError, match='dropout_keys'):
+    with pytest.raises(ValueError, match='keys'):
         T.denoise(p, c, x, s, perturbation=P.dropout(0.1))
     with pytest.raises(ValueError, match='not both'):
-        T.denoise(p, c, x, s, dropout_rate=0.1, dropout_keys=jax.random.split(jax.random.key(0), 2),
+        T.denoise(p, c, x, s, dropout_rate=0.1, keys=jax.random.split(jax.random.key(0), 2),
                   perturbation=P.dropout(0.1))
     models = {'main': methods.Model(p, c)}
     with pytest.raises(ValueError, match='supports'):
-        methods.check_method(methods.Method('bad', (methods.Term('main', 1.0, perturbation=P.window()),)), models)
+        methods.check_method(methods.Method('bad', (Term(1.0, perturbation=P.window()),)), models)

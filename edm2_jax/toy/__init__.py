@@ -4,6 +4,6 @@ guidance methods on it (`methods`), sample metrics (`metrics`) and figures (`plo
 
 `edm2_jax.toy.mixture(classes)` returns the components of class 'A', 'B' or 'AB'.
 """
-from edm2_jax.toy.fractal import Mixture, denoise, log_prob, mixture, sample, score
+from edm2_jax.toy.fractal import Mixture, denoise, draw, log_prob, mixture, score
 
-__all__ = ['Mixture', 'denoise', 'log_prob', 'mixture', 'sample', 'score']
+__all__ = ['Mixture', 'denoise', 'draw', 'log_prob', 'mixture', 'score']

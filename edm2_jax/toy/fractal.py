@@ -151,7 +151,7 @@ def nearest_mean_distance(mix: Mixture, x):
     return _chunked(block, x, 0.0)
 
 
-def sample(mix: Mixture, key, n: int, sigma=0.0):
+def draw(mix: Mixture, key, n: int, sigma=0.0):
     """n exact draws from p(·; σ): component by inverse-CDF of the weights, then μ + L ε,
     L the closed-form Cholesky factor of Σ_k + σ²I."""
     kc, ke = jax.random.split(key)

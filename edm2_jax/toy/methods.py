@@ -1,12 +1,12 @@
 """Guidance methods on the toy models, expressed with `edm2_jax.guidance` and sampled with
 `edm2_jax.sampling` (toy2d-spec §3, §9).
 
-A `Method` is a list of guidance terms D = D_main + Σ_i w_i (D_main − D_guide_i); each term names its
-guide model ('main' for the main model itself, i.e. self-guidance, or another model id such as 'ag',
-'cfg'), an optional dropout rate p (number or σ-Schedule) applied to that guide's hidden activations
-with a fresh key per sample and evaluation, and optional `edm2_jax.perturb` perturbations of the guide
-(the MLP's kinds: dropout, skip of hidden layers, sigma_shift; see `toy.model`), strengths numbers or
-σ-Schedules. Numbers are traced, so a (w, p) or (w, δ) grid compiles once per shape.
+A `Method` is a list of `guidance.Term`s, D = D_main + Σ_i w_i (D_main − D_guide_i), made by the
+registry `edm2_jax.methods` exactly as for EDM2 networks; a term's guide is None for the main model
+itself (self-guidance) or another model's id such as 'ag', 'cfg', and its `edm2_jax.perturb`
+perturbations (the MLP's kinds: dropout of hidden activations with a fresh key per sample and
+evaluation, skip of hidden layers, sigma_shift; see `toy.model`) have numbers or σ-Schedules as
+strengths. Numbers are traced, so a (w, p) or (w, δ) grid compiles once per shape.
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from edm2_jax import guidance as G
 from edm2_jax import sampling
@@ -25,16 +24,9 @@ from edm2_jax.toy import model as model_lib
 NUM_STEPS, SIGMA_MIN, SIGMA_MAX, RHO = 32, 0.002, 5.0, 7.0
 
 
-class Term(NamedTuple):
-    guide: str                 # 'main' (in-situ) or a model id
-    weight: Any                # w: number or guidance.Schedule
-    rate: Any = None           # dropout p in the guide: None, number or guidance.Schedule
-    perturbation: Any = None   # None or perturb.Perturbation(s) of the guide (toy.model.KINDS)
-
-
 class Method(NamedTuple):
     name: str
-    terms: tuple[Term, ...] = ()
+    terms: tuple[G.Term, ...] = ()
     interval: tuple[float, float] | None = None   # guide only for σ ∈ (lo, hi]
 
 
@@ -43,32 +35,30 @@ class Model(NamedTuple):
     config: model_lib.ToyConfig
 
 
-def _model_denoiser(config, params, rate, perturbation=()):
+def _model_denoiser(config, params, perturbation=()):
     def denoise(x, sigma, step, keys):
         kwargs = {}
-        if rate is not None:
-            kwargs = dict(dropout_rate=G.value_at(rate, sigma, jnp.float32), dropout_keys=keys)
         if perturbation:
             if any(p.kind == 'dropout' for p in perturbation):
-                kwargs['dropout_keys'] = keys
+                kwargs['keys'] = keys
             kwargs['perturbation'] = tuple(p.replace(strength=G.value_at(p.strength, sigma, jnp.float32))
                                            for p in perturbation)
         return model_lib.denoise(params, config, x, sigma, **kwargs)
     return denoise
 
 
-def _guided_denoiser(configs, params, weights, rates, perturbations, interval):
-    """configs/params: main first, then one per term; rates and perturbations one per term."""
-    main = _model_denoiser(configs[0], params[0], None)
-    guides = [_model_denoiser(c, p, r, q) for c, p, r, q in zip(configs[1:], params[1:], rates, perturbations)]
+def _guided_denoiser(configs, params, weights, perturbations, interval):
+    """configs/params: main first, then one per term; perturbations one per term."""
+    main = _model_denoiser(configs[0], params[0])
+    guides = [_model_denoiser(c, p, q) for c, p, q in zip(configs[1:], params[1:], perturbations)]
     if not guides:
         return main
     return G.guide_with(main, guides, list(weights), interval)
 
 
 @functools.partial(jax.jit, static_argnames=('configs', 'path'))
-def _run(params, noise, keys, weights, rates, perturbations, interval, t_steps, *, configs, path):
-    denoise = _guided_denoiser(configs, params, weights, rates, perturbations, interval)
+def _run(params, noise, keys, weights, perturbations, interval, t_steps, *, configs, path):
+    denoise = _guided_denoiser(configs, params, weights, perturbations, interval)
     return sampling.heun_loop(denoise, noise, keys, t_steps, return_trajectory=path)
 
 
@@ -83,34 +73,31 @@ def _run_exact(noise, t_steps, *, path):
 def check_method(method: Method, models: dict[str, Model]):
     """Clear errors before any compilation."""
     for t in method.terms:
-        if t.guide != 'main' and t.guide not in models:
+        if t.guide is not None and t.guide not in models:
             raise ValueError(f'{method.name}: unknown guide model {t.guide!r} (have {sorted(models)})')
-        if t.guide == 'main' and t.rate is None and not t.perturbation:
-            raise ValueError(f'{method.name}: the main model as its own guide needs a dropout rate or a '
-                             'perturbation')
-        if t.perturbation:
-            perturbations = model_lib.resolve_perturbation(models[t.guide].config, t.perturbation)
-            if t.rate is not None and any(p.kind == 'dropout' for p in perturbations):
-                raise ValueError(f'{method.name}: give dropout either as rate or as a perturbation, not both')
-        rates = G.concrete_values(t.rate) if t.rate is not None else None
-        if rates is not None and not np.all((rates >= 0) & (rates < 1)):
-            raise ValueError(f'{method.name}: dropout rate must lie in [0, 1), got {rates}')
+        if t.guide is None and not t.perturbations:
+            raise ValueError(f'{method.name}: the main model as its own guide needs a perturbation '
+                             '(e.g. dropout)')
+        model_lib.resolve_perturbation(_model(models, t).config, t.perturbation)
     if method.interval is not None and not 0 <= method.interval[0] < method.interval[1]:
         raise ValueError(f'{method.name}: interval needs 0 <= lo < hi, got {method.interval}')
 
 
+def _model(models, t):
+    return models['main' if t.guide is None else t.guide]
+
+
 def _inputs(method: Method, models: dict[str, Model]):
     check_method(method, models)
-    chosen = [models['main']] + [models['main' if t.guide == 'main' else t.guide] for t in method.terms]
+    chosen = [models['main']] + [_model(models, t) for t in method.terms]
     configs = tuple(m.config for m in chosen)
     params = tuple(m.params for m in chosen)
     weights = tuple(G.cast_value(t.weight, jnp.float32) for t in method.terms)
-    rates = tuple(None if t.rate is None else G.cast_value(t.rate, jnp.float32) for t in method.terms)
     perturbations = tuple(tuple(p.replace(strength=G.cast_value(p.strength, jnp.float32))
                                 for p in model_lib.resolve_perturbation(c, t.perturbation))
                           for c, t in zip(configs[1:], method.terms))
     interval = None if method.interval is None else G.Interval.sigmas(*method.interval)
-    return configs, params, weights, rates, perturbations, interval
+    return configs, params, weights, perturbations, interval
 
 
 def time_steps(sigma_max: float = SIGMA_MAX, num_steps: int = NUM_STEPS):
@@ -121,7 +108,7 @@ def start_points(key, n: int, sigma_max: float = SIGMA_MAX):
     """Common start points: exact draws from p_A(·; σ_max) (as the paper's toy), and per-sample sampler
     keys. Returned as (noise = x_0 / σ_max, keys) for `heun_loop`, which starts at noise · σ_max."""
     kx, kk = jax.random.split(key)
-    x0 = mixture_lib.sample(mixture_lib.mixture('A'), kx, n, sigma_max)
+    x0 = mixture_lib.draw(mixture_lib.mixture('A'), kx, n, sigma_max)
     return x0 / sigma_max, jax.random.split(kk, n)
 
 
@@ -131,6 +118,6 @@ def sample(method: Method, models: dict[str, Model], noise, keys, t_steps=None, 
     t_steps = time_steps() if t_steps is None else t_steps
     if method.name == 'exact_ode':
         return _run_exact(noise, t_steps, path=trajectory)
-    configs, params, weights, rates, perturbations, interval = _inputs(method, models)
-    return _run(params, noise, keys, weights, rates, perturbations, interval, t_steps, configs=configs,
+    configs, params, weights, perturbations, interval = _inputs(method, models)
+    return _run(params, noise, keys, weights, perturbations, interval, t_steps, configs=configs,
                 path=trajectory)

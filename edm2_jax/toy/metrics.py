@@ -41,7 +41,7 @@ LOWER_IS_BETTER = ('branch_tv', 'kl_clip', 'mmd_02', 'mmd_10', 'swd', 'escape', 
 def outlier_threshold(key, n: int = 1 << 18) -> float:
     """τ: the 1 % quantile of log p_A over n exact class-A samples (≈ −1.84)."""
     mix = mixture_lib.mixture('A')
-    return float(jnp.quantile(mixture_lib.log_prob(mix, mixture_lib.sample(mix, key, n)), 0.01))
+    return float(jnp.quantile(mixture_lib.log_prob(mix, mixture_lib.draw(mix, key, n)), 0.01))
 
 
 def knn_entropy(x, k: int = 5) -> float:

@@ -115,9 +115,9 @@ def resolve_perturbation(config: ToyConfig, perturbation) -> tuple[P.Perturbatio
     return tuple(out)
 
 
-def _features(params, config, x, sigma, dropout_rate, dropout_keys, perturbations=()):
+def _features(params, config, x, sigma, dropout_rate, keys, perturbations=()):
     """Last-layer output y [N, out] and the scaled input u (perturbations: resolved, strengths [N])."""
-    drop = {i: dropout_rate for i in range(1, config.num_layers + 1)} if dropout_keys is not None else {}
+    drop = {i: dropout_rate for i in range(1, config.num_layers + 1)} if keys is not None else {}
     for p in perturbations:
         if p.kind == 'dropout':
             drop = {i: p.strength for i in p.where}
@@ -129,7 +129,7 @@ def _features(params, config, x, sigma, dropout_rate, dropout_keys, perturbation
         if i > 0:
             y = mp_silu(y)
             if i in drop:
-                y = dropout(y, drop[i], _layer_keys(dropout_keys, i))
+                y = dropout(y, drop[i], _layer_keys(keys, i))
         y = y @ (normalize(v, axis=0) / math.sqrt(v.shape[0]))
         for p in skips:
             if i in p.where:
@@ -137,22 +137,22 @@ def _features(params, config, x, sigma, dropout_rate, dropout_keys, perturbation
     return y, u
 
 
-def _check(x, sigma, dropout_keys):
+def _check(x, sigma, keys):
     if x.ndim != 2 or x.shape[1] != 2:
         raise ValueError(f'x must be [N, 2], got {x.shape}')
     sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), x.shape[:1])
-    if dropout_keys is not None and dropout_keys.shape != x.shape[:1]:
-        raise ValueError(f'dropout_keys must be a key array [N], got shape {dropout_keys.shape}')
+    if keys is not None and keys.shape != x.shape[:1]:
+        raise ValueError(f'keys must be a key array [N], got shape {keys.shape}')
     return sigma
 
 
-def _prepare(config, x, sigma, dropout_rate, dropout_keys, perturbation):
+def _prepare(config, x, sigma, dropout_rate, keys, perturbation):
     """(σ [N] after any sigma_shift, resolved perturbations with strengths [N])."""
-    sigma = _check(x, sigma, dropout_keys)
+    sigma = _check(x, sigma, keys)
     perturbations = P.check_strengths(resolve_perturbation(config, perturbation), x.shape[0])
     if any(p.kind == 'dropout' for p in perturbations):
-        if dropout_keys is None:
-            raise ValueError('a dropout perturbation needs dropout_keys (one key per example)')
+        if keys is None:
+            raise ValueError('a dropout perturbation needs keys (one key per example)')
         if not (isinstance(dropout_rate, (int, float)) and dropout_rate == 0):
             raise ValueError('give dropout either as dropout_rate or as a dropout perturbation, not both')
     for p in perturbations:
@@ -161,30 +161,30 @@ def _prepare(config, x, sigma, dropout_rate, dropout_keys, perturbation):
     return sigma, perturbations
 
 
-def log_density(params, config: ToyConfig, x, sigma, *, dropout_rate=0.0, dropout_keys=None,
+def log_density(params, config: ToyConfig, x, sigma, *, dropout_rate=0.0, keys=None,
                 perturbation=None):
     """Unnormalised model log-density log p̂(x; σ) [N] (energy readout only)."""
     if config.readout != 'energy':
         raise ValueError("log_density needs the 'energy' readout")
-    sigma, perturbations = _prepare(config, x, sigma, dropout_rate, dropout_keys, perturbation)
-    return _log_density(params, config, x, sigma, dropout_rate, dropout_keys, perturbations)
+    sigma, perturbations = _prepare(config, x, sigma, dropout_rate, keys, perturbation)
+    return _log_density(params, config, x, sigma, dropout_rate, keys, perturbations)
 
 
-def _log_density(params, config, x, sigma, dropout_rate, dropout_keys, perturbations):
-    y, u = _features(params, config, x, sigma, dropout_rate, dropout_keys, perturbations)
+def _log_density(params, config, x, sigma, dropout_rate, keys, perturbations):
+    y, u = _features(params, config, x, sigma, dropout_rate, keys, perturbations)
     return params['gain'] * jnp.mean(jnp.square(y), axis=1) / sigma - 0.5 * jnp.sum(jnp.square(u), axis=1)
 
 
-def denoise(params, config: ToyConfig, x, sigma, *, dropout_rate=0.0, dropout_keys=None, perturbation=None):
-    """Denoiser D(x; σ) [N, 2]. x [N, 2]; σ scalar or [N]; dropout_keys a typed key array [N] (one
+def denoise(params, config: ToyConfig, x, sigma, *, dropout_rate=0.0, keys=None, perturbation=None):
+    """Denoiser D(x; σ) [N, 2]. x [N, 2]; σ scalar or [N]; keys a typed key array [N] (one
     mask per example and layer, held fixed while differentiating the energy); rate scalar or [N];
     perturbation: None or `perturb.Perturbation`(s) of the kinds `KINDS` (see the module docstring)."""
-    sigma, perturbations = _prepare(config, x, sigma, dropout_rate, dropout_keys, perturbation)
+    sigma, perturbations = _prepare(config, x, sigma, dropout_rate, keys, perturbation)
     if config.readout == 'energy':
-        grad = jax.grad(lambda x_: jnp.sum(_log_density(params, config, x_, sigma, dropout_rate, dropout_keys,
+        grad = jax.grad(lambda x_: jnp.sum(_log_density(params, config, x_, sigma, dropout_rate, keys,
                                                         perturbations)))(x)
         return x + jnp.square(sigma)[:, None] * grad
-    y, _ = _features(params, config, x, sigma, dropout_rate, dropout_keys, perturbations)
+    y, _ = _features(params, config, x, sigma, dropout_rate, keys, perturbations)
     sd2, s2 = config.sigma_data ** 2, jnp.square(sigma)
     c_skip = sd2 / (s2 + sd2)
     c_out = sigma * config.sigma_data / jnp.sqrt(s2 + sd2)

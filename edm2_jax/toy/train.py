@@ -46,10 +46,10 @@ def make_loss(spec: TrainSpec):
     def loss(params, key):
         ks, kx, kd = jax.random.split(key, 3)
         sigma = training.sample_sigma(ks, spec.batch, spec.p_mean, spec.p_std)
-        x = mixture_lib.sample(mix, kx, spec.batch, sigma)
+        x = mixture_lib.draw(mix, kx, spec.batch, sigma)
         target = mixture_lib.denoise(mix, x, sigma)
         keys = jax.random.split(kd, spec.batch) if spec.dropout_rate > 0 else None
-        d = model_lib.denoise(params, spec.config, x, sigma, dropout_rate=spec.dropout_rate, dropout_keys=keys)
+        d = model_lib.denoise(params, spec.config, x, sigma, dropout_rate=spec.dropout_rate, keys=keys)
         return training.denoiser_loss(d, target, 1.0 / jnp.square(sigma))
     return loss
 
@@ -84,13 +84,13 @@ def _heldout(params, key, sigma, rate, *, config, classes, n, passes, dropout):
     mix = mixture_lib.mixture(classes)
     kx, kd = jax.random.split(key)
     s = jnp.full((n,), sigma, jnp.float32)
-    x = mixture_lib.sample(mix, kx, n, s)
+    x = mixture_lib.draw(mix, kx, n, s)
     target = mixture_lib.denoise(mix, x, s)
     if not dropout:
         d = model_lib.denoise(params, config, x, s)
     else:
         def one(i):
             keys = jax.random.split(jax.random.fold_in(kd, i), n)
-            return model_lib.denoise(params, config, x, s, dropout_rate=rate, dropout_keys=keys)
+            return model_lib.denoise(params, config, x, s, dropout_rate=rate, keys=keys)
         d = jnp.mean(jax.lax.map(one, jnp.arange(passes)), axis=0)
     return training.denoiser_loss(d, target, 1.0 / jnp.square(s))
