@@ -25,7 +25,9 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from convert.vae import read_weights, sha256
+from convert.readers import read_weights
+from edm2_jax import io
+from edm2_jax.errors import cli_main
 from edm2_jax.metrics import dinov2 as dinov2_lib
 from edm2_jax.metrics import inception as inception_lib
 
@@ -197,7 +199,7 @@ def convert_inception(src, dst, *, overwrite=False) -> dict:
     from edm2_jax import checkpoint
     src = Path(src)
     variables = inception_variables(read_weights(src))
-    meta = {'format': INCEPTION_FORMAT, 'source': {'file': str(src.resolve()), 'sha256': sha256(src)}}
+    meta = {'format': INCEPTION_FORMAT, 'source': {'file': str(src.resolve()), 'sha256': io.sha256(src)}}
     checkpoint.save_variables(dst, variables, meta, overwrite=overwrite)
     return meta
 
@@ -210,7 +212,7 @@ def convert_dinov2(src, dst, *, interpolation='hub', num_heads=None, overwrite=F
     config, variables = dinov2_variables(
         state, interpolate_offset=INTERPOLATION_OFFSETS[interpolation], **overrides)
     meta = {'format': DINOV2_FORMAT, 'config': config.to_dict(),
-            'source': {'file': str(weights.resolve()), 'sha256': sha256(weights)}}
+            'source': {'file': str(weights.resolve()), 'sha256': io.sha256(weights)}}
     checkpoint.save_variables(dst, variables, meta, overwrite=overwrite)
     return meta
 
@@ -229,6 +231,7 @@ def define_flags():
     flags.DEFINE_bool('overwrite', False, 'replace existing outputs')
 
 
+@cli_main('convert.detectors', catch=(ValueError,))
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')

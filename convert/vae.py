@@ -4,8 +4,8 @@ checkpoint directory holding the decoder half (post_quant_conv + decoder).
     python -m convert.vae --src=PATH --dst=DIR [--overwrite] [--norm_num_groups=32]
 
 `--src` is a diffusers model directory (its config.json gives the configuration; a pipeline
-directory with a `vae/` subfolder also works) or a weights file: `.safetensors` (read without torch),
-`.bin`/`.ckpt`/`.pt`/`.pth` (`torch.load(weights_only=True)`), in diffusers key layout
+directory with a `vae/` subfolder also works) or a weights file read by `convert.readers`:
+`.safetensors` (without torch), `.bin`/`.ckpt`/`.pt`/`.pth` (`torch.load(weights_only=True)`), in diffusers key layout
 (`decoder.up_blocks.0.resnets.0.conv1.weight`) or LDM layout (`decoder.up.3.block.0.conv1.weight`,
 as in `vae-ft-mse-840000-ema-pruned.ckpt`; a `first_stage_model.` prefix is stripped). For a bare
 file the configuration is read off the shapes; only `norm_num_groups` cannot be, so it is a flag.
@@ -13,88 +13,20 @@ Encoder weights are ignored.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
-import struct
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 from absl import app, flags
 
+from convert.readers import is_float, read_weights
+from edm2_jax import io
 from edm2_jax import vae as vae_lib
+from edm2_jax.errors import UserError, cli_main
 
 WEIGHT_FILES = ('diffusion_pytorch_model.safetensors', 'diffusion_pytorch_model.bin')
-TORCH_SUFFIXES = ('.bin', '.ckpt', '.pt', '.pth')
-_SAFETENSORS_DTYPES = {
-    'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
-    'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_,
-}
 _PREFIXES = ('first_stage_model.', 'vae.')       # full Stable Diffusion checkpoints, wrappers
-
-
-# ------------------------------------------------------------------------------------------------
-# Reading weight files
-
-def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """A .safetensors file as numpy arrays (8-byte little-endian header size, JSON header, data)."""
-    data = Path(path).read_bytes()
-    if len(data) < 8:
-        raise ValueError(f'{path}: too short to be a safetensors file')
-    (n,) = struct.unpack('<Q', data[:8])
-    if 8 + n > len(data):
-        raise ValueError(f'{path}: safetensors header size {n} exceeds the file size')
-    try:
-        header = json.loads(data[8:8 + n])
-    except ValueError as e:
-        raise ValueError(f'{path}: unreadable safetensors header ({e})') from None
-    header.pop('__metadata__', None)
-    body = memoryview(data)[8 + n:]
-    out = {}
-    for name, info in header.items():
-        if info['dtype'] not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        dtype = np.dtype(_SAFETENSORS_DTYPES[info['dtype']])
-        begin, end = info['data_offsets']
-        shape = tuple(info['shape'])
-        if not 0 <= begin <= end <= len(body) or end - begin != dtype.itemsize * int(np.prod(shape)):
-            raise ValueError(f'{path}: tensor {name} has inconsistent offsets {begin}..{end}')
-        out[name] = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape)
-    return out
-
-
-def read_torch(path: Path) -> dict[str, np.ndarray]:
-    """A torch.save'd state dict (optionally wrapped in {'state_dict': ...}), tensors only."""
-    import torch
-    try:
-        obj = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... by case
-        raise ValueError(f'{path}: not loadable with torch.load(weights_only=True) — only plain '
-                         f'state dicts of tensors are accepted ({type(e).__name__}: {e})') from None
-    if isinstance(obj, dict) and isinstance(obj.get('state_dict'), dict):
-        obj = obj['state_dict']
-    if not isinstance(obj, dict):
-        raise ValueError(f'{path}: expected a state dict, got {type(obj).__name__}')
-    return {k: (v.float() if v.is_floating_point() else v).numpy()
-            for k, v in obj.items() if isinstance(v, torch.Tensor)}
-
-
-def read_weights(path: Path) -> dict[str, np.ndarray]:
-    if path.suffix == '.safetensors':
-        return read_safetensors(path)
-    if path.suffix in TORCH_SUFFIXES:
-        return read_torch(path)
-    raise ValueError(f'{path}: unknown weights format (expected .safetensors or one of '
-                     f'{", ".join(TORCH_SUFFIXES)})')
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -175,7 +107,7 @@ def to_variables(state: dict[str, np.ndarray]) -> dict:
     OIHW → HWIO, linear [out, in] → [in, out], float32."""
     params = {}
     for k, v in state.items():
-        if not np.issubdtype(v.dtype, np.floating):
+        if not is_float(v.dtype):
             raise ValueError(f'{k}: expected a floating-point tensor, got {v.dtype}')
         parts = []
         for p in k.split('.'):
@@ -211,6 +143,8 @@ def resolve_source(src: Path) -> tuple[Path, dict | None]:
         if not (src / 'config.json').is_file():
             raise ValueError(f'{src} is a directory without config.json (not a diffusers model)')
         config = json.loads((src / 'config.json').read_text())
+        if not isinstance(config, dict):
+            raise ValueError(f'{src / "config.json"} is not a JSON object')
         if config.get('_class_name', 'AutoencoderKL') != 'AutoencoderKL':
             raise ValueError(f"{src}: _class_name {config['_class_name']!r} is not AutoencoderKL")
         for name in WEIGHT_FILES:
@@ -242,9 +176,14 @@ def convert(src, dst, *, overwrite: bool = False, norm_num_groups: int | None = 
     if dst.exists() and not overwrite:
         raise FileExistsError(f'--dst {dst} exists (pass --overwrite to replace it)')
     from edm2_jax import checkpoint
-    variables, config, weights = load_source(src, norm_num_groups=norm_num_groups)
+    try:
+        variables, config, weights = load_source(src, norm_num_groups=norm_num_groups)
+    except (ValueError, TypeError) as e:  # bad weights or config.json: one line naming --src
+        if isinstance(e, UserError):
+            raise
+        raise UserError(' '.join(str(e).split()), where=str(src)) from None
     meta = {'format': vae_lib.FORMAT, 'config': config.to_diffusers(),
-            'source': {'file': str(weights.resolve()), 'sha256': sha256(weights)}}
+            'source': {'file': str(weights.resolve()), 'sha256': io.sha256(weights)}}
     checkpoint.save_variables(dst, variables, meta, overwrite=overwrite)
     return meta
 
@@ -263,6 +202,7 @@ def define_flags():
     flags.mark_flags_as_required(['src', 'dst'])
 
 
+@cli_main('convert.vae', catch=(FileNotFoundError, FileExistsError))
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')

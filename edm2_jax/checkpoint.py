@@ -23,6 +23,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from edm2_jax.config import EDM2Config
+from edm2_jax.decoder import DecoderSpec, as_spec
+from edm2_jax.errors import UserError
 from edm2_jax.network import Network
 
 FORMAT = 'edm2-jax'
@@ -55,10 +57,10 @@ def save_variables(dst, variables, meta: dict, *, overwrite: bool = False) -> Pa
     if dst.exists() and not overwrite:
         raise FileExistsError(f'{dst} already exists (pass overwrite=True / --overwrite to replace it)')
     meta_text = json.dumps(meta, indent=2, sort_keys=False, allow_nan=False)  # fail before writing
-    dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_beside(dst, 'tmp')
-    tmp.mkdir()
     try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
         with _checkpointer() as checkpointer:
             checkpointer.save(tmp / VARIABLES_DIR,
                               args=ocp.args.PyTreeSave(item=jax.tree.map(_on_host, variables)))
@@ -70,8 +72,11 @@ def save_variables(dst, variables, meta: dict, *, overwrite: bool = False) -> Pa
             shutil.rmtree(old) if old.is_dir() else old.unlink()
         else:
             os.rename(tmp, dst)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # read-only or full disk: one line, nothing left behind
+            raise UserError(f'cannot write the checkpoint: {e.strerror or e}', where=str(dst),
+                            fix='choose a writable destination with enough free space') from None
         raise
     return dst
 
@@ -87,6 +92,17 @@ def read_meta(path) -> dict:
         return json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f'{config_file} is not valid JSON: {e}') from e
+
+
+def read_decoder(path) -> DecoderSpec | None:
+    """The decoder a network checkpoint's config.json names (None if it names none)."""
+    entry = read_meta(path).get('decoder')
+    if entry is None:
+        return None
+    try:
+        return DecoderSpec.from_dict(entry)
+    except ValueError as e:
+        raise ValueError(f'{Path(path) / CONFIG_FILE}: invalid "decoder" entry: {e}') from None
 
 
 def abstract_variables(path, sharding=None):
@@ -118,20 +134,17 @@ def _dtype_name(tree) -> str:
     return names[0] if len(names) == 1 else ','.join(names)
 
 
-def save(dst, net: Network, *, source: dict | None = None, decoder: dict | None = None,
-         overwrite: bool = False) -> Path:
-    """Saves a Network with its EDM2Config, the file it came from (name + sha256) and its decoder.
-
-    decoder: {'type': 'sd-vae', 'name': ..., 'scale': [...], 'bias': [...]} for latent models,
-    {'type': 'rgb'} for pixel models, or None if unknown.
-    """
+def save(dst, net: Network, *, source: dict | None = None,
+         decoder: DecoderSpec | dict | None = None, overwrite: bool = False) -> Path:
+    """Saves a Network with its EDM2Config, the file it came from (name + sha256) and its decoder
+    (a DecoderSpec or its config.json dict; None if unknown)."""
     meta = {
         'format': FORMAT,
         'config': net.config.to_dict(),
         'dtype': _dtype_name(net.variables),
         'compute_dtype': np.dtype(net.dtype).name,
         'source': source,
-        'decoder': decoder,
+        'decoder': None if decoder is None else as_spec(decoder).to_dict(),
     }
     return save_variables(dst, net.variables, meta, overwrite=overwrite)
 

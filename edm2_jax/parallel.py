@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from edm2_jax import sampling
 from edm2_jax import vae as vae_lib
+from edm2_jax.decoder import DecoderSpec, as_spec
 
 AXIS = 'data'
 
@@ -146,21 +147,18 @@ def make_sampler(layout: Layout, **sample_kwargs) -> Callable:
     return jax.jit(mapped, out_shardings=batch_sharding(layout.mesh))
 
 
-def make_decoder(layout: Layout, decoder_meta: dict | None, vae=None, chunk: int = 4) -> Callable:
-    """jit(fn(x) -> uint8 NHWC images), sharded like the batch. Pixel models: spec §3.3 RGB decode.
-    Latent models: the SD-VAE on each device's rows, `chunk` at a time (EDM2 decodes 4 at a time;
-    this bounds the decoder's memory)."""
-    kind = 'rgb' if decoder_meta is None else decoder_meta.get('type')
+def make_decoder(layout: Layout, decoder: DecoderSpec | dict | None, vae=None,
+                 chunk: int = 4) -> Callable:
+    """jit(fn(x) -> uint8 NHWC images), sharded like the batch, for `decoder` (a DecoderSpec or its
+    config.json dict; None = pixels). Pixel models: spec §3.3 RGB decode. Latent models: the SD-VAE
+    on each device's rows, `chunk` at a time (EDM2 decodes 4 at a time; this bounds the decoder's
+    memory)."""
+    decoder = as_spec(decoder)
     out = batch_sharding(layout.mesh)
-    if kind == 'rgb':
+    if decoder.kind == 'rgb':
         return jax.jit(vae_lib.rgb_to_uint8, out_shardings=out)
-    if kind != 'sd-vae':
-        raise ValueError(f'unknown decoder type {kind!r} (expected "sd-vae" or "rgb")')
-    if vae is None:
-        raise ValueError(f"this is a latent model: decoding needs the VAE {decoder_meta.get('name')!r} "
-                         '(convert it with `python -m convert.vae`)')
-    scale = np.asarray(decoder_meta['scale'], np.float32)
-    bias = np.asarray(decoder_meta['bias'], np.float32)
+    decoder.require_vae(vae)
+    scale, bias = np.asarray(decoder.scale, np.float32), np.asarray(decoder.bias, np.float32)
     b = layout.per_device_batch
     c = chunk if b % chunk == 0 else b
 

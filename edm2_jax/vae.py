@@ -22,15 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from edm2_jax.decoder import DecoderSpec, as_spec, edm2_scale_bias  # noqa: F401 - vae.edm2_scale_bias
+
 FORMAT = 'edm2-jax-vae'
 GROUP_NORM_EPS = 1e-6            # diffusers' Decoder uses eps=1e-6 for every GroupNorm
-
-# spec §3.3: StabilityVAEEncoder defaults (raw latent statistics of sd-vae-ft-mse on ImageNet-512).
-EDM2_RAW_MEAN = (5.81, 3.25, 0.12, -2.15)
-EDM2_RAW_STD = (4.17, 4.62, 3.71, 3.28)
-EDM2_FINAL_MEAN = 0.0
-EDM2_FINAL_STD = 0.5
-EDM2_VAE_NAME = 'stabilityai/sd-vae-ft-mse'
 
 
 # ------------------------------------------------------------------------------------------------
@@ -289,15 +284,6 @@ def load(path, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None) -> V
 # ------------------------------------------------------------------------------------------------
 # EDM2's conventions (spec §3.3)
 
-def edm2_scale_bias(raw_mean=EDM2_RAW_MEAN, raw_std=EDM2_RAW_STD, final_mean=EDM2_FINAL_MEAN,
-                    final_std=EDM2_FINAL_STD) -> tuple[np.ndarray, np.ndarray]:
-    """EDM2's per-channel latent standardisation: scale = final_std/raw_std,
-    bias = final_mean − raw_mean·scale (float32, as stored in a converted network's config.json)."""
-    scale = np.float32(final_std) / np.asarray(raw_std, np.float32)
-    bias = np.float32(final_mean) - np.asarray(raw_mean, np.float32) * scale
-    return scale, bias
-
-
 def edm2_to_raw(latents, scale, bias):
     """EDM2 latents (NHWC) → raw VAE latents: (x − bias) / scale per channel, float32."""
     scale, bias = jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32)
@@ -359,18 +345,12 @@ def decode_latents_to_uint8(vae: VAEDecoder, latents, scale, bias, *, batch_size
     return np.concatenate(out)
 
 
-def make_image_decoder(decoder_meta: dict | None, vae: VAEDecoder | None = None, *,
+def make_image_decoder(decoder: DecoderSpec | dict | None, vae: VAEDecoder | None = None, *,
                        batch_size: int = 4) -> Callable[[Any], np.ndarray]:
-    """The `x → uint8 NHWC images` function a network's config.json 'decoder' entry asks for:
-    {'type': 'sd-vae', 'scale', 'bias', ...} needs `vae`; None or {'type': 'rgb'} is pixel space."""
-    kind = 'rgb' if decoder_meta is None else decoder_meta.get('type')
-    if kind == 'rgb':
+    """The `x → uint8 NHWC images` function a network's decoder asks for (a DecoderSpec or its
+    config.json dict): 'sd-vae' needs `vae`; None or 'rgb' is pixel space."""
+    decoder = as_spec(decoder)
+    if decoder.kind == 'rgb':
         return lambda x: np.asarray(rgb_to_uint8(x))
-    if kind == 'sd-vae':
-        if vae is None:
-            raise ValueError(f"this is a latent model: decoding needs the VAE "
-                             f"{decoder_meta.get('name', EDM2_VAE_NAME)!r} (convert it with "
-                             f'`python -m convert.vae` and pass the directory)')
-        scale, bias = decoder_meta['scale'], decoder_meta['bias']
-        return lambda x: decode_latents_to_uint8(vae, x, scale, bias, batch_size=batch_size)
-    raise ValueError(f'unknown decoder type {kind!r} (expected "sd-vae" or "rgb")')
+    decoder.require_vae(vae)
+    return lambda x: decode_latents_to_uint8(vae, x, decoder.scale, decoder.bias, batch_size=batch_size)

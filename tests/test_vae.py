@@ -14,6 +14,7 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import save_file
 
+from convert import readers
 from convert import vae as convert_vae
 from edm2_jax import vae
 
@@ -299,12 +300,12 @@ def test_sharded_decode_two_devices():
 def test_read_safetensors_dtypes(tmp_path):
     tensors = {'a': torch.randn(3, 2), 'b': torch.randn(4).half(), 'c': torch.randn(2, 2).bfloat16()}
     save_file(tensors, tmp_path / 'x.safetensors')
-    got = convert_vae.read_safetensors(tmp_path / 'x.safetensors')
+    got = readers.read_safetensors(tmp_path / 'x.safetensors')
     for k, t in tensors.items():
         np.testing.assert_array_equal(np.asarray(got[k], np.float32), t.float().numpy())
     (tmp_path / 'bad.safetensors').write_bytes(b'\xff' * 16)
     with pytest.raises(ValueError, match='safetensors'):
-        convert_vae.read_safetensors(tmp_path / 'bad.safetensors')
+        readers.read_safetensors(tmp_path / 'bad.safetensors')
 
 
 def test_converter_errors(two_level, tmp_path):
