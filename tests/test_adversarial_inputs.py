@@ -111,7 +111,7 @@ def _refs(mu, sigma):
     (_refs(np.zeros(3), np.eye(2)), r"'fid': mu \(3,\) and sigma \(2, 2\)"),
     (_refs(np.zeros((2, 2)), np.eye(2)), r"'fid': mu \(2, 2\)"),
     (_refs(np.array([0.0, np.nan]), np.eye(2)), r"'fid': mu holds non-finite"),
-    (_refs(np.zeros(2), np.eye(2) * np.inf), r"'fid': sigma holds non-finite"),
+    (_refs(np.zeros(2), np.full((2, 2), np.inf)), r"'fid': sigma holds non-finite"),
     ({'fid': {'mu': np.zeros(2)}}, r"'fid': must hold exactly mu and sigma"),
     ([1, 2], r'expected a dict of statistics, got list'),
 ])
