@@ -5,14 +5,17 @@ Layout of `DIR`:
   variables/    orbax PyTree checkpoint of the pytree (uncompressed)
 
 `save_variables`/`load_variables` are generic (any pytree of arrays + a JSON-able dict); `save`/`load`
-wrap them for `edm2_jax.Network`. Writing goes to a temporary directory beside `DIR` that is renamed
-at the end, so an interrupted save leaves no partial `DIR`. Loading restores against an abstract target
-built from the stored metadata (orbax refuses topology changes otherwise), optionally onto a mesh.
+wrap them for `edm2_jax.Network`. Writing goes to a uniquely named temporary directory beside `DIR`
+that is renamed at the end, so an interrupted save leaves no partial `DIR` (`remove_temporaries`
+deletes what a killed save left). Loading restores against an abstract target built from the stored
+metadata (orbax refuses topology changes otherwise), optionally onto a mesh. A missing, truncated or
+malformed file raises `UserError` naming it, before any array is read where possible.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -30,10 +33,33 @@ from edm2_jax.network import Network
 FORMAT = 'edm2-jax'
 CONFIG_FILE = 'config.json'
 VARIABLES_DIR = 'variables'
+METADATA_FILE = '_METADATA'  # orbax's description of the stored tree (shapes, dtypes)
+_TEMP_RE = re.compile(r'^\.(.+)\.(tmp|old)-[0-9a-f]{8}$')
+REWRITE = 'a file is missing or damaged: convert or save the checkpoint again'
 
 
 def _temp_beside(dst: Path, tag: str) -> Path:
     return dst.parent / f'.{dst.name}.{tag}-{uuid.uuid4().hex[:8]}'
+
+
+def remove_temporaries(parent) -> int:
+    """Cleans up after saves into `parent` that were killed: '.tmp-' directories are deleted; an
+    '.old-' directory (the previous version, moved aside just before the rename) goes back to its
+    name if that is free, else is deleted. Returns how many were handled. Call it only where no
+    other save into `parent` is running."""
+    parent = Path(parent)
+    count = 0
+    for p in sorted(parent.iterdir()) if parent.is_dir() else ():
+        m = _TEMP_RE.match(p.name)
+        if not m or not p.is_dir():
+            continue
+        original = parent / m.group(1)
+        if m.group(2) == 'old' and not original.exists():
+            os.rename(p, original)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+        count += 1
+    return count
 
 
 def _checkpointer() -> ocp.Checkpointer:
@@ -82,16 +108,48 @@ def save_variables(dst, variables, meta: dict, *, overwrite: bool = False) -> Pa
 
 
 def read_meta(path) -> dict:
-    """The `config.json` of a checkpoint directory."""
+    """The `config.json` (a JSON object) of a checkpoint directory."""
     path = Path(path)
     config_file = path / CONFIG_FILE
     if not config_file.is_file() or not (path / VARIABLES_DIR).is_dir():
-        raise FileNotFoundError(f'{path} is not a checkpoint directory (needs {CONFIG_FILE} and '
-                                f'{VARIABLES_DIR}/)')
+        raise UserError(f'not a checkpoint directory (needs {CONFIG_FILE} and {VARIABLES_DIR}/)',
+                        where=str(path), fix='give the directory written by convert or train')
     try:
-        return json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f'{config_file} is not valid JSON: {e}') from e
+        meta = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f'is not valid JSON ({e})', where=str(config_file), fix=REWRITE) from None
+    if not isinstance(meta, dict):
+        raise UserError(f'holds a {type(meta).__name__}, not a JSON object', where=str(config_file),
+                        fix=REWRITE)
+    return meta
+
+
+def _stored_tree(variables_dir: Path):
+    """orbax's metadata tree of `variables_dir`; UserError naming the file if it is unreadable."""
+    metadata_file = variables_dir / METADATA_FILE
+    try:
+        json.loads(metadata_file.read_text())
+    except (OSError, ValueError) as e:
+        problem = 'is missing' if not metadata_file.exists() else f'is not valid JSON ({e})'
+        raise UserError(problem, where=str(metadata_file), fix=REWRITE) from None
+    try:
+        with _checkpointer() as checkpointer:
+            metadata = checkpointer.metadata(variables_dir)
+        tree = None if metadata is None else metadata.item_metadata.tree
+    except Exception as e:  # orbax and TensorStore raise many types
+        raise UserError(f'orbax cannot read the stored tree ({_first_line(e)})', where=str(variables_dir),
+                        fix=REWRITE) from None
+    if tree is None:
+        raise UserError('orbax cannot read the stored tree (its manifest or _sharding file is missing '
+                        'or damaged)', where=str(variables_dir), fix=REWRITE)
+    return tree
+
+
+def _first_line(error: BaseException) -> str:
+    """The innermost message (TensorStore names the array and the failure there), one line."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def read_decoder(path) -> DecoderSpec | None:
@@ -102,14 +160,13 @@ def read_decoder(path) -> DecoderSpec | None:
     try:
         return DecoderSpec.from_dict(entry)
     except ValueError as e:
-        raise ValueError(f'{Path(path) / CONFIG_FILE}: invalid "decoder" entry: {e}') from None
+        raise UserError(f'invalid "decoder" entry: {e}', where=str(Path(path) / CONFIG_FILE), fix=REWRITE) from None
 
 
 def abstract_variables(path, sharding=None):
     """ShapeDtypeStructs of the stored pytree; `sharding`: None (default device), one Sharding for
     every leaf, or a pytree of Shardings."""
-    with _checkpointer() as checkpointer:
-        tree = checkpointer.metadata(Path(path).absolute() / VARIABLES_DIR).item_metadata.tree
+    tree = _stored_tree(Path(path).absolute() / VARIABLES_DIR)
     if sharding is None:
         sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     if isinstance(sharding, jax.sharding.Sharding):
@@ -123,9 +180,13 @@ def load_variables(path, *, sharding=None) -> tuple[Any, dict]:
     meta = read_meta(path)
     target = abstract_variables(path, sharding)
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    with _checkpointer() as checkpointer:
-        variables = checkpointer.restore(
-            path / VARIABLES_DIR, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
+    try:
+        with _checkpointer() as checkpointer:
+            variables = checkpointer.restore(
+                path / VARIABLES_DIR, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
+    except Exception as e:  # TensorStore: a bare Exception
+        raise UserError(f'an array cannot be read ({_first_line(e)})', where=str(path / VARIABLES_DIR),
+                        fix=REWRITE) from None
     return variables, meta
 
 
@@ -149,12 +210,28 @@ def save(dst, net: Network, *, source: dict | None = None,
     return save_variables(dst, net.variables, meta, overwrite=overwrite)
 
 
+def network_config(path, meta: dict) -> EDM2Config:
+    """The EDM2Config of a network checkpoint's meta, after checking its format, config and decoder."""
+    where = str(Path(path) / CONFIG_FILE)
+    if meta.get('format') != FORMAT:
+        raise UserError(f'format is {meta.get("format")!r}, expected {FORMAT!r}', where=where,
+                        fix='give a network checkpoint written by convert or train')
+    decoder = meta.get('decoder')
+    if decoder is not None and not (isinstance(decoder, dict) and isinstance(decoder.get('type'), str)):
+        raise UserError(f'decoder must be null or an object with a "type", got {decoder!r}', where=where,
+                        fix=REWRITE)
+    if not isinstance(meta.get('config'), dict):
+        raise UserError(f'"config" must be an object of EDM2Config fields, got {meta.get("config")!r}',
+                        where=where, fix=REWRITE)
+    try:
+        return EDM2Config.from_dict(meta['config'], where='config')
+    except ValueError as e:
+        raise UserError(str(e), where=where, fix=REWRITE) from None
+
+
 def load(path, mesh: jax.sharding.Mesh | None = None) -> Network:
     """The Network stored in `path`, its arrays replicated over `mesh` if given."""
-    meta = read_meta(path)
-    if meta.get('format') != FORMAT:
-        raise ValueError(f'{path}: config.json format is {meta.get("format")!r}, expected {FORMAT!r}')
-    config = EDM2Config.from_dict(meta['config'])
+    config = network_config(path, read_meta(path))
     sharding = None
     if mesh is not None:
         sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -162,5 +239,6 @@ def load(path, mesh: jax.sharding.Mesh | None = None) -> Network:
     expected = jax.eval_shape(lambda key: Network.init(config, key).variables, jax.random.key(0))
     shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)  # noqa: E731
     if shapes(variables) != shapes(dict(expected)):
-        raise ValueError(f'{path}: stored variables do not match the architecture in config.json')
+        raise UserError('stored variables do not match the architecture in config.json', where=str(path),
+                        fix=REWRITE)
     return Network(config, dict(variables), np.dtype(meta.get('compute_dtype', 'float32')))

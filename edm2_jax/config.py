@@ -7,14 +7,65 @@ shared prefix ends) all read it.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from typing import NamedTuple
 
+from edm2_jax.errors import UserError
 
-def check_fields(cls, d: dict) -> None:
-    """Refuses keys that are not fields of the dataclass `cls` (a config from another version, a typo)."""
-    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _matches(value, annotation) -> bool:
+    """Whether a JSON value fits a field annotation: int, float (ints too), str, bool, X | None,
+    tuple[X, ...] (a list or tuple); other annotations (nested configs) are checked by their class."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and all(_matches(v, args[0]) for v in value)
+    if annotation is type(None):
+        return value is None
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return _is_number(value)
+    if annotation in (str, bool):
+        return isinstance(value, annotation)
+    return True
+
+
+def check_fields(cls, d, where: str | None = None) -> None:
+    """Refuses a `d` that is not a dict, keys that are not fields of the dataclass `cls` (a config
+    from another version, a typo), missing required fields, and values of the wrong JSON type — each
+    naming the field (as `where.field`; `where` defaults to the class name)."""
+    name = where or cls.__name__
+    if not isinstance(d, dict):
+        raise UserError(f'expected an object of fields, got {type(d).__name__}', where=name)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
     if unknown:
-        raise ValueError(f'unknown {cls.__name__} fields: {unknown}')
+        raise UserError(f'unknown {cls.__name__} fields: {unknown}', where=name)
+    missing = [k for k, f in fields.items() if k not in d and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise UserError(f'missing required fields {missing}', where=name)
+    hints = typing.get_type_hints(cls)
+    for key, value in d.items():
+        if not _matches(value, hints[key]):
+            raise UserError(f'must be {_type_name(hints[key])}, got {value!r} ({type(value).__name__})',
+                            where=f'{name}.{key}')
+
+
+def _type_name(annotation) -> str:
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is tuple:
+        return f'a list of {_type_name(args[0])}'
+    if args:
+        return ' or '.join(_type_name(a) for a in args)
+    return 'null' if annotation is type(None) else annotation.__name__
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,8 +133,9 @@ class EDM2Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> EDM2Config:
-        check_fields(cls, d)
+    def from_dict(cls, d: dict, where: str | None = None) -> EDM2Config:
+        """From `to_dict`'s output (e.g. JSON); UserError naming the field (prefixed by `where`)."""
+        check_fields(cls, d, where)
         return cls(**d)
 
     def replace(self, **changes) -> EDM2Config:

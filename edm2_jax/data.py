@@ -12,14 +12,19 @@ import json
 import math
 import os
 import zipfile
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from edm2_jax.errors import UserError
+
 FASHION_MNIST_ROOT = '/usr/share/datasets/fashion-mnist'
 IDX_IMAGES, IDX_LABELS = 2051, 2049          # magic numbers: unsigned bytes, 3 resp. 1 dimensions
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
+# What a damaged archive or image raises (zipfile, zlib, numpy's format reader, PIL).
+UNREADABLE = (OSError, EOFError, ValueError, SyntaxError, zipfile.BadZipFile, zlib.error)
 
 
 class ImageData(NamedTuple):
@@ -78,8 +83,8 @@ def _decode(data: bytes, name: str) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as img:
             img = img if img.mode in ('L', 'RGB') else img.convert('RGB')
             a = np.asarray(img, np.uint8)
-    except OSError as e:
-        raise ValueError(f'{name}: cannot decode image ({e})') from None
+    except (*UNREADABLE, Image.DecompressionBombError) as e:
+        raise UserError(f'cannot decode image ({e})', where=name, fix='replace or remove the file') from None
     return a[..., None] if a.ndim == 2 else a
 
 
@@ -87,17 +92,17 @@ def _checked(images, labels, name: str) -> ImageData:
     """Validates shapes, dtypes and labels; returns ImageData with [N,H,W,C] images."""
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) == 0:
-        raise ValueError(f'{name}: images must be non-empty uint8 [N,H,W] or [N,H,W,C], '
-                         f'got {images.dtype} {images.shape}')
+        raise UserError(f'images must be non-empty uint8 [N,H,W] or [N,H,W,C], got {images.dtype} '
+                        f'{images.shape}', where=name)
     images = images[..., None] if images.ndim == 3 else images
     if labels is None:
         return ImageData(images, None, 0)
     labels = np.asarray(labels)
     if not np.issubdtype(labels.dtype, np.integer) or labels.shape != (len(images),):
-        raise ValueError(f'{name}: labels must be integers of shape ({len(images)},), '
-                         f'got {labels.dtype} {labels.shape}')
+        raise UserError(f'labels must be integers of shape ({len(images)},), got {labels.dtype} '
+                        f'{labels.shape}', where=name)
     if labels.min() < 0 or labels.max() >= 2 ** 31:
-        raise ValueError(f'{name}: labels must lie in [0, 2^31), got [{labels.min()}, {labels.max()}]')
+        raise UserError(f'labels must lie in [0, 2^31), got [{labels.min()}, {labels.max()}]', where=name)
     return ImageData(images, labels.astype(np.int32), int(labels.max()) + 1)
 
 
@@ -107,33 +112,51 @@ def _load_image_set(source: str) -> ImageData:
     def wanted(name):
         return name.lower().endswith(IMAGE_SUFFIXES) or name == 'dataset.json'
     if zipfile.is_zipfile(source):
-        with zipfile.ZipFile(source) as z:
-            files = {n: z.read(n) for n in z.namelist() if wanted(n)}
+        try:
+            with zipfile.ZipFile(source) as z:
+                files = {n: z.read(n) for n in z.namelist() if wanted(n)}
+        except UNREADABLE as e:
+            raise UserError(f'damaged zip archive ({e})', where=source, fix='recreate the archive') from None
     else:
         paths = {p.relative_to(source).as_posix(): p for p in Path(source).rglob('*') if p.is_file()}
         files = {n: p.read_bytes() for n, p in paths.items() if wanted(n)}
     meta, names = files.pop('dataset.json', None), sorted(files)
     if not names:
-        raise ValueError(f'{source}: no {"/".join(IMAGE_SUFFIXES)} images found')
+        raise UserError(f'no {"/".join(IMAGE_SUFFIXES)} images found', where=source)
     try:
         labels = json.loads(meta)['labels'] if meta is not None else None
         table = {str(k): v for k, v in labels or ()}
     except (ValueError, TypeError, KeyError) as e:
-        raise ValueError(f'{source}/dataset.json: expected {{"labels": [[relpath, int], ...] | null}} '
-                         f'({e!r})') from None
+        raise UserError(f'expected {{"labels": [[relpath, int], ...] | null}} ({e!r})',
+                        where=f'{source}/dataset.json') from None
     if labels is not None:
         missing = [n for n in names if n not in table]
         if missing or len(table) != len(names):
-            raise ValueError(f'{source}/dataset.json: labels do not match the images '
-                             f'({len(table)} labels, {len(names)} images, first unlabeled: {missing[:3]})')
+            raise UserError(f'labels do not match the images ({len(table)} labels, {len(names)} images, '
+                            f'first unlabeled: {missing[:3]})', where=f'{source}/dataset.json')
         if not all(type(table[n]) is int for n in names):
-            raise ValueError(f'{source}/dataset.json: labels must be integers')
+            raise UserError('labels must be integers', where=f'{source}/dataset.json')
         labels = np.array([table[n] for n in names], np.int64)
     arrays = [_decode(files[n], f'{source}/{n}') for n in names]
     for n, a in zip(names, arrays):
         if a.shape != arrays[0].shape:
-            raise ValueError(f'{source}/{n}: shape {a.shape} differs from {names[0]}: {arrays[0].shape}')
+            raise UserError(f'shape {a.shape} differs from {names[0]}: {arrays[0].shape}', where=f'{source}/{n}')
     return _checked(np.stack(arrays), labels, source)
+
+
+def _load_npz(source: str) -> ImageData:
+    """`images` (and optional `labels`) of an .npz; a damaged file is a UserError naming it."""
+    try:
+        with np.load(source, allow_pickle=False) as z:
+            if 'images' not in z:
+                raise UserError(f'no `images` array (found {list(z.keys())})', where=source)
+            images, labels = z['images'], z['labels'] if 'labels' in z else None
+    except UserError:
+        raise
+    except UNREADABLE as e:
+        raise UserError(f'not a readable .npz ({type(e).__name__}: {e})', where=source,
+                        fix='write it again with numpy.savez') from None
+    return _checked(images, labels, source)
 
 
 def load_images(source: str, resolution: int | None = None) -> ImageData:
@@ -142,16 +165,14 @@ def load_images(source: str, resolution: int | None = None) -> ImageData:
     if source.split(':')[0] == 'fashion-mnist':
         data = ImageData(*load_fashion_mnist(source.partition(':')[2] or 'train'), 10)
     elif not os.path.exists(source):
-        raise FileNotFoundError(f'data source {source} not found')
+        raise UserError('data source not found', where=source,
+                        fix="give 'fashion-mnist', an image folder / .zip, or a .npz")
     elif source.endswith('.npz'):
-        with np.load(source) as z:
-            if 'images' not in z:
-                raise ValueError(f'{source}: no `images` array (found {list(z.keys())})')
-            data = _checked(z['images'], z['labels'] if 'labels' in z else None, source)
+        data = _load_npz(source)
     elif os.path.isdir(source) or zipfile.is_zipfile(source):
         data = _load_image_set(source)
     else:
-        raise ValueError(f'{source}: not a directory, .zip or .npz')
+        raise UserError('not a directory, .zip or .npz', where=source)
     return data._replace(images=resize(data.images, resolution))
 
 

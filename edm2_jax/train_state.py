@@ -8,24 +8,30 @@ Run directory layout:
                              (data position, …). The newest `keep` (2) are kept.
   snapshots/phema-<t:012d>-<σ_rel:.3f>.npz
                              one tracked EMA profile at t = images seen (params + buffers, float32) and
-                             its meta (t, σ_rel, trained network config); written to a temp file + rename.
+                             its meta (t, σ_rel, trained network config); written by io.write_bytes.
+  network-[<t:012d>-]<σ_rel:.3f>/
+                             post-hoc EMA exports (`export_posthoc`; also into another directory).
+
+A state or snapshot with a non-finite value (a diverged run) is never written and never resumed from;
+`remove_temporaries` deletes what a killed save left.
 """
 from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from edm2_jax import checkpoint
+from edm2_jax import io as files
 from edm2_jax.config import EDM2Config
+from edm2_jax.errors import UserError
 from edm2_jax.ema import posthoc_coefficients
 from edm2_jax.network import Network
 from edm2_jax.training import EDM2State
@@ -53,9 +59,36 @@ def _state_dirs(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_state(run_dir, state: EDM2State, extra: dict | None = None, *, keep: int = 2) -> Path:
-    """Writes `state` (+ JSON-able `extra`) to run_dir/state-<step>/ atomically; keeps the newest `keep`."""
+def nonfinite_leaves(tree) -> list[str]:
+    """Paths of the floating-point leaves of `tree` holding a NaN or ±inf (one reduction each, on device)."""
+    leaves = [(jax.tree_util.keystr(p), a) for p, a in jax.tree_util.tree_flatten_with_path(tree)[0]
+              if jnp.issubdtype(a.dtype, jnp.inexact)]
+    finite = jax.device_get([jnp.isfinite(a).all() for _, a in leaves])  # dispatched together, one fetch
+    return [path for (path, _), ok in zip(leaves, finite) if not ok]
+
+
+def check_finite(state: EDM2State) -> None:
+    """FloatingPointError naming the non-finite leaves: a diverged state must not overwrite good ones."""
+    bad = nonfinite_leaves(state)
+    if bad:
+        raise FloatingPointError(f'the training state at step {int(state.step)} holds non-finite values '
+                                 f'in {", ".join(bad[:3])}{" …" if len(bad) > 3 else ""}: the run diverged '
+                                 '(lower --lr); nothing was saved, earlier states and snapshots are kept')
+
+
+def remove_temporaries(run_dir) -> int:
+    """Deletes what saves killed mid-write left in a run directory (state and export directories,
+    snapshot and log files); returns how many. Only while no other process writes to the run."""
     run_dir = Path(run_dir)
+    return (checkpoint.remove_temporaries(run_dir) + files.remove_temporaries(run_dir)
+            + files.remove_temporaries(run_dir / SNAPSHOT_DIR))
+
+
+def save_state(run_dir, state: EDM2State, extra: dict | None = None, *, keep: int = 2) -> Path:
+    """Writes `state` (+ JSON-able `extra`) to run_dir/state-<step>/ atomically; keeps the newest `keep`.
+    A state with non-finite values is refused (FloatingPointError) before anything is written."""
+    run_dir = Path(run_dir)
+    check_finite(state)
     step = int(state.step)
     leaves = jax.tree.leaves(state)
     meta = {'format': STATE_FORMAT, 'config': state.config.to_dict(), 'step': step,
@@ -84,13 +117,16 @@ def latest_state(run_dir, template: EDM2State) -> tuple[EDM2State, dict] | None:
         return None
     path = dirs[-1][1]
     meta = checkpoint.read_meta(path)
-    if meta.get('format') != STATE_FORMAT:
-        raise ValueError(f'{path}: not a training state (format {meta.get("format")!r})')
+    if meta.get('format') != STATE_FORMAT or not isinstance(meta.get('config'), dict):
+        raise UserError(f'not a training state (format {meta.get("format")!r})', where=str(path),
+                        fix='remove it, or use another --run_dir')
     diff = _config_differences(meta['config'], json.loads(json.dumps(template.config.to_dict())))
     if diff:
-        raise ValueError(f'{path}: stored TrainConfig differs from the current one in {diff}')
-    if meta['leaf_paths'] != _paths(template):
-        raise ValueError(f'{path}: stored state structure does not match the template')
+        raise UserError(f'stored TrainConfig differs from the current one in {diff}', where=str(path),
+                        fix='use another --run_dir')
+    if meta.get('leaf_paths') != _paths(template):
+        raise UserError('stored state structure does not match the template', where=str(path),
+                        fix='use another --run_dir')
     leaves, treedef = jax.tree.flatten(template)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = {f'{i:06d}': getattr(leaf, 'sharding', None) or default for i, leaf in enumerate(leaves)}
@@ -98,8 +134,15 @@ def latest_state(run_dir, template: EDM2State) -> tuple[EDM2State, dict] | None:
     restored = [stored[f'{i:06d}'] for i in range(len(leaves))]
     for p, a, b in zip(meta['leaf_paths'], restored, leaves):
         if a.shape != b.shape or a.dtype != b.dtype:
-            raise ValueError(f'{path}: {p} stored as {a.dtype}{list(a.shape)}, template {b.dtype}{list(b.shape)}')
-    return jax.tree.unflatten(treedef, restored), meta['extra']
+            raise UserError(f'{p} stored as {a.dtype}{list(a.shape)}, template {b.dtype}{list(b.shape)}',
+                            where=str(path), fix='use another --run_dir')
+    state = jax.tree.unflatten(treedef, restored)
+    bad = nonfinite_leaves(state)
+    if bad:
+        raise UserError(f'holds non-finite values in {", ".join(bad[:3])} (a diverged run)', where=str(path),
+                        fix='delete this state to resume from an earlier one, or start a new --run_dir '
+                            'with a lower --lr')
+    return state, meta.get('extra', {})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -130,23 +173,15 @@ def _unflatten(flat: dict[str, np.ndarray]) -> dict:
     return tree
 
 
-def _write_atomic(dst: Path, data: bytes) -> None:
-    tmp = dst.parent / f'.{dst.name}.tmp-{uuid.uuid4().hex[:8]}'
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_snapshot(run_dir, state: EDM2State) -> list[Path]:
-    """Writes every tracked EMA profile at t = images seen to run_dir/snapshots/ (one .npz each)."""
+    """Writes every tracked EMA profile at t = images seen to run_dir/snapshots/ (one .npz each);
+    a state with non-finite values is refused (FloatingPointError) before anything is written."""
     folder = Path(run_dir) / SNAPSHOT_DIR
-    folder.mkdir(parents=True, exist_ok=True)
     t = state.images_seen
     if t <= 0:
         raise ValueError('a snapshot needs at least one training step (t > 0)')
+    check_finite(state)
+    folder.mkdir(parents=True, exist_ok=True)
     buffers = _flatten('buffers', jax.device_get(state.buffers))
     written = []
     for sigma_rel, avg in zip(state.ema.sigma_rels, state.ema.averages):
@@ -156,7 +191,7 @@ def save_snapshot(run_dir, state: EDM2State) -> list[Path]:
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         dst = folder / f'phema-{t:012d}-{sigma_rel:.3f}.npz'
-        _write_atomic(dst, buf.getvalue())
+        files.write_bytes(dst, buf.getvalue())
         written.append(dst)
     return written
 
@@ -214,26 +249,49 @@ def reconstruct_phema(run_dir, sigma_rels: Sequence[float], t: int | None = None
             for s, acc in zip(sigma_rels, sums)}
 
 
+def network_dir_name(sigma_rel: float, t: int | None = None) -> str:
+    """`network-<σ_rel:.3f>`, or `network-<t:012d>-<σ_rel:.3f>` when exported at a chosen time t."""
+    return f'network-{sigma_rel:.3f}' if t is None else f'network-{t:012d}-{sigma_rel:.3f}'
+
+
+def export_posthoc(run_dir, targets: dict[float, Path], *, t: int | None = None, decoder: dict | None = None,
+                   overwrite: bool = False) -> dict[float, Path]:
+    """The one post-hoc EMA export: for each {σ_rel: directory} of `targets`, the reconstruction at
+    snapshot time `t` (default the latest) written checkpoint.load-able, its source (run directory,
+    σ_rel, images seen) recorded. decoder: checkpoint meta, default {'type': 'rgb'} (pixel-space
+    training). Returns `targets`."""
+    snaps = list_snapshots(run_dir)
+    if not snaps:
+        raise UserError(f'no EMA snapshots in {Path(run_dir) / SNAPSHOT_DIR}', where=str(run_dir),
+                        fix='give a run directory of experiments.train')
+    T = max(s.t for s in snaps) if t is None else int(t)
+    nets = reconstruct_phema(run_dir, list(targets), T)
+    for sigma_rel, dst in targets.items():
+        source = {'run_dir': str(Path(run_dir).absolute()), 'sigma_rel': float(sigma_rel), 'images_seen': T}
+        checkpoint.save(dst, nets[float(sigma_rel)], source=source, decoder=decoder or {'type': 'rgb'},
+                        overwrite=overwrite)
+    return targets
+
+
 def export_network(src, dst, *, sigma_rel: float | None = None, t: int | None = None,
                    decoder: dict | None = None, overwrite: bool = False) -> Path:
     """Writes a checkpoint.load-able directory `dst` from
       - a Network (as is),
       - an EDM2State: its tracked EMA profile `sigma_rel` (None: the raw trained weights),
-      - a run directory: the post-hoc EMA `sigma_rel` (required) at snapshot time `t` (default latest).
+      - a run directory: the post-hoc EMA `sigma_rel` (required) at snapshot time `t` (default latest),
+        via `export_posthoc`.
     The config records the trained dropout rate. decoder: checkpoint meta, default {'type': 'rgb'}
     (pixel-space training).
     """
+    if not isinstance(src, (Network, EDM2State)):
+        if sigma_rel is None:
+            raise ValueError('exporting from a run directory needs sigma_rel')
+        return export_posthoc(src, {float(sigma_rel): Path(dst)}, t=t, decoder=decoder,
+                              overwrite=overwrite)[float(sigma_rel)]
     source = None
     if isinstance(src, Network):
         net = src
-    elif isinstance(src, EDM2State):
+    else:
         net = src.network(sigma_rel)
         source = {'images_seen': src.images_seen, 'sigma_rel': sigma_rel}
-    else:
-        if sigma_rel is None:
-            raise ValueError('exporting from a run directory needs sigma_rel')
-        net = reconstruct_phema(src, [sigma_rel], t)[float(sigma_rel)]
-        times = sorted({s.t for s in list_snapshots(src)})
-        source = {'run_dir': str(Path(src).absolute()), 'sigma_rel': float(sigma_rel),
-                  'images_seen': times[-1] if t is None else int(t)}
     return checkpoint.save(dst, net, source=source, decoder=decoder or {'type': 'rgb'}, overwrite=overwrite)

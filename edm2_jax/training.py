@@ -203,10 +203,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
+        """From `to_dict`'s output (e.g. JSON); UserError naming the field."""
         check_fields(cls, d)
         d = dict(d)
-        if isinstance(d.get('network'), dict):
-            d['network'] = EDM2Config.from_dict(d['network'])
+        d['network'] = EDM2Config.from_dict(d['network'], where='TrainConfig.network')
         return cls(**d)
 
     def replace(self, **changes) -> TrainConfig:

@@ -15,12 +15,16 @@ hosts. Result: JSON on stdout and, with --out, in a file.
 from __future__ import annotations
 
 import json
-import os
+import zipfile
+import zlib
 from pathlib import Path
 
 import jax
 import numpy as np
 from absl import app, flags
+
+from edm2_jax.errors import UserError, cli_main
+from edm2_jax.io import write_json
 
 DETECTOR_OF = {'fid': 'inception', 'fd_dinov2': 'dinov2'}
 PR_METRICS = ('precision', 'recall')
@@ -33,25 +37,28 @@ FLAGS = flags.FLAGS
 # Images
 
 class ImageSet:
-    """Uint8 [N, H, W, 3] images from a PNG folder (read lazily) or an .npz."""
+    """Uint8 [N, H, W, 3] images from a PNG folder (read lazily) or an .npz.
 
-    def __init__(self, path):
+    A folder is checked whole on construction, from the PNG headers only: every file must open and
+    all must share one size, else a UserError names the first offending file. A file that is damaged
+    past its header names itself when it is read.
+    """
+
+    def __init__(self, path, flag: str = '--images'):
         path = Path(path)
         self.path, self.array, self.files = path, None, None
         if path.is_dir():
             self.files = sorted(p for p in path.rglob('*.png') if not p.name.startswith('.'))
             if not self.files:
-                raise ValueError(f'{path}: no .png files')
-        elif path.suffix == '.npz':
-            with np.load(path, allow_pickle=False) as npz:
-                key = next((k for k in NPZ_KEYS if k in npz.files), None)
-                if key is None:
-                    raise ValueError(f'{path}: none of {NPZ_KEYS} in {npz.files}')
-                self.array = npz[key]
-            if self.array.dtype != np.uint8 or self.array.ndim != 4 or self.array.shape[-1] != 3:
-                raise ValueError(f'{path}: expected uint8 [N, H, W, 3], got {self.array.dtype} {self.array.shape}')
+                raise UserError('no .png files', where=f'{flag} {path}', fix='give a folder of PNGs or an .npz')
+            self.size = _common_size(self.files)
+        elif path.suffix == '.npz' and path.is_file():
+            self.array = _read_npz(path, flag)
+            self.size = self.array.shape[2:0:-1]
+        elif not path.exists():
+            raise UserError('does not exist', where=f'{flag} {path}')
         else:
-            raise ValueError(f'{path}: not a folder of PNGs or an .npz')
+            raise UserError('not a folder of PNGs or an .npz', where=f'{flag} {path}')
 
     def __len__(self):
         return len(self.files) if self.files is not None else len(self.array)
@@ -59,20 +66,68 @@ class ImageSet:
     def get(self, indices) -> np.ndarray:
         if self.array is not None:
             return self.array[np.asarray(indices)]
-        from PIL import Image
-        images = []
-        for i in indices:
-            with Image.open(self.files[i]) as im:
-                images.append(np.asarray(im.convert('RGB')))
-        return np.stack(images)
+        return np.stack([_decode(self.files[i]) for i in indices])
+
+
+def _png_size(file: Path) -> tuple[int, int]:
+    """(width, height) from the header; UserError naming the file if it is not a readable image."""
+    from PIL import Image, UnidentifiedImageError
+    if file.stat().st_size == 0:
+        raise UserError('is empty (0 bytes)', where=str(file), fix='regenerate or remove it')
+    try:
+        with Image.open(file) as im:
+            return im.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise UserError(f'not a readable image ({e})', where=str(file), fix='regenerate or remove it') from None
+
+
+def _common_size(files) -> tuple[int, int]:
+    """The one (width, height) of all `files`; mixed sizes would silently mix feature statistics."""
+    first = _png_size(files[0])
+    for file in files[1:]:
+        size = _png_size(file)
+        if size != first:
+            raise UserError(f'is {size[0]}x{size[1]} but {files[0].name} is {first[0]}x{first[1]}',
+                            where=str(file), fix='every image of a set must have the same size')
+    return first
+
+
+def _decode(file: Path) -> np.ndarray:
+    from PIL import Image
+    try:
+        with Image.open(file) as im:
+            return np.asarray(im.convert('RGB'))
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UserError(f'cannot decode ({e})', where=str(file), fix='regenerate or remove it') from None
+
+
+def _read_npz(path: Path, flag: str) -> np.ndarray:
+    """The uint8 [N, H, W, 3] image array of an .npz (under one of NPZ_KEYS)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            key = next((k for k in NPZ_KEYS if k in npz.files), None)
+            if key is None:
+                raise UserError(f'none of {NPZ_KEYS} in {npz.files}', where=f'{flag} {path}')
+            array = npz[key]
+    except UserError:
+        raise
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as e:
+        raise UserError(f'not a readable .npz ({type(e).__name__}: {e})', where=f'{flag} {path}') from None
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3 or not len(array):
+        raise UserError(f'expected uint8 [N, H, W, 3] with N > 0, got {array.dtype} {array.shape}',
+                        where=f'{flag} {path}')
+    return array
 
 
 def select(n_available: int, num_images: int, seed: int) -> np.ndarray:
     """EDM2's protocol: exactly `num_images` (a seeded random subset if more); 0 = all."""
+    if num_images < 0:
+        raise UserError(f'must be >= 0, got {num_images}', where='--num_images')
     if num_images == 0:
         return np.arange(n_available)
     if n_available < num_images:
-        raise ValueError(f'found {n_available} images, need {num_images} (set --num_images)')
+        raise UserError(f'found {n_available} images, need {num_images}', where='--images',
+                        fix='generate more, or set --num_images (0 = all)')
     if n_available == num_images:
         return np.arange(n_available)
     return np.sort(np.random.default_rng(seed).permutation(n_available)[:num_images])
@@ -88,8 +143,8 @@ def load_detector(detectors_dir, name):
     from edm2_jax.metrics import dinov2, inception
     path = Path(detectors_dir) / name
     if not path.is_dir():
-        raise FileNotFoundError(f'{path} not found: run `python -m convert.detectors --{name}=WEIGHTS '
-                                f'--dst_dir={detectors_dir}` first')
+        raise UserError('not found', where=f'--detectors {path}',
+                        fix=f'run `python -m convert.detectors --{name}=WEIGHTS --dst_dir={detectors_dir}` first')
     mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ('data',))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     variables, meta = checkpoint.load_variables(path, sharding=replicated)
@@ -97,7 +152,8 @@ def load_detector(detectors_dir, name):
         return inception.make_feature_fn(variables, 'nvidia'), mesh
     if name == 'dinov2' and meta.get('format') == detectors.DINOV2_FORMAT:
         return dinov2.make_feature_fn(dinov2.DINOv2Config(**meta['config']), variables), mesh
-    raise ValueError(f'{path}: format {meta.get("format")!r} is not a {name} detector')
+    raise UserError(f'format {meta.get("format")!r} is not a {name} detector', where=str(path),
+                    fix='run convert.detectors again')
 
 
 def extract(images: ImageSet, indices, feature_fns: dict, batch: int, keep_features=(), progress=True):
@@ -139,29 +195,34 @@ def run(images_path, ref_path, metrics, detectors_dir, *, make_ref=False, num_im
     from edm2_jax.metrics.frechet import frechet_distance, load_refs, save_refs
     from edm2_jax.metrics.prdc import precision_recall
     unknown = set(metrics) - set(DETECTOR_OF) - set(PR_METRICS)
-    if unknown:
-        raise ValueError(f'unknown metrics {sorted(unknown)}; choose from fid, fd_dinov2, precision, recall')
+    if unknown or not metrics:
+        raise UserError(f'unknown metrics {sorted(unknown)}' if unknown else 'no metrics given', where='--metrics',
+                        fix='choose from fid, fd_dinov2, precision, recall')
+    if batch < 1:
+        raise UserError(f'must be >= 1, got {batch}', where='--batch')
     if not Path(images_path).exists():
-        raise FileNotFoundError(f'--images {images_path} does not exist')
+        raise UserError('does not exist', where=f'--images {images_path}')
     ref_path = Path(ref_path)
     wants_pr = bool(set(metrics) & set(PR_METRICS))
     ref_is_images = ref_path.is_dir() or (ref_path.suffix == '.npz' and _is_image_npz(ref_path))
     if make_ref:
         if ref_path.exists() and not overwrite:
-            raise FileExistsError(f'{ref_path} exists (pass --overwrite)')
+            raise UserError('exists', where=f'--ref {ref_path}', fix='pass --overwrite to replace it')
         if wants_pr:
-            raise ValueError('precision/recall need reference images, not statistics: drop them with --make_ref')
+            raise UserError('precision/recall need reference images, not statistics', where='--metrics',
+                            fix='drop them with --make_ref')
     elif not ref_path.exists():
-        raise FileNotFoundError(f'--ref {ref_path} does not exist')
+        raise UserError('does not exist', where=f'--ref {ref_path}')
     elif wants_pr and not ref_is_images:
-        raise ValueError('precision/recall need --ref to be an image folder or image .npz')
+        raise UserError('precision/recall need --ref to be an image folder or image .npz', where='--metrics')
     names = sorted({DETECTOR_OF[m] for m in metrics if m in DETECTOR_OF} | ({'dinov2'} if wants_pr else set()))
     images = ImageSet(images_path)
     indices = select(len(images), num_images, seed)
+    ref_images = ImageSet(ref_path, '--ref') if ref_is_images and not make_ref else None
     refs = None if make_ref or ref_is_images else load_refs(ref_path)
     for m in metrics:
         if refs is not None and m in DETECTOR_OF and m not in refs:
-            raise ValueError(f'{ref_path} holds no statistics for {m} (has {sorted(refs)})')
+            raise UserError(f'holds no statistics for {m} (has {sorted(refs)})', where=f'--ref {ref_path}')
     fns = {name: load_detector(detectors_dir, name) for name in names}
     keep = ('dinov2',) if wants_pr else ()
     stats, feats = extract(images, indices, fns, batch, keep, progress)
@@ -172,8 +233,7 @@ def run(images_path, ref_path, metrics, detectors_dir, *, make_ref=False, num_im
             save_refs(ref_path, {'num_images': len(indices), **{m: ours[m] for m in metrics}})
         return {'num_images': len(indices), 'ref': str(ref_path), 'metrics': sorted(metrics)}
     ref_feats = {}
-    if ref_is_images:
-        ref_images = ImageSet(ref_path)
+    if ref_images is not None:
         ref_stats, ref_feats = extract(ref_images, np.arange(len(ref_images)), fns, batch, keep, progress)
         refs = {detector_metric[n]: dict(zip(('mu', 'sigma'), st.mu_sigma())) for n, st in ref_stats.items()}
     result = {'num_images': int(len(indices)), 'images': str(images_path), 'ref': str(ref_path)}
@@ -187,15 +247,11 @@ def run(images_path, ref_path, metrics, detectors_dir, *, make_ref=False, num_im
 
 
 def _is_image_npz(path: Path) -> bool:
-    with np.load(path, allow_pickle=False) as npz:
-        return any(k in npz.files for k in NPZ_KEYS)
-
-
-def write_json(path, obj):
-    path = Path(path)
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    tmp.write_text(json.dumps(obj, indent=2) + '\n')
-    os.replace(tmp, path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return any(k in npz.files for k in NPZ_KEYS)
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        raise UserError(f'not a readable .npz ({type(e).__name__}: {e})', where=f'--ref {path}') from None
 
 
 def define_flags() -> None:
@@ -213,6 +269,7 @@ def define_flags() -> None:
     flags.DEFINE_bool('overwrite', False, 'replace an existing --ref with --make_ref')
 
 
+@cli_main('evaluate')
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')

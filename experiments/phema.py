@@ -8,10 +8,11 @@ writes one checkpoint.load-able directory per σ_rel, `<out>/network-<σ_rel:.3f
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from absl import app, flags, logging
+
+from edm2_jax.errors import cli_main
 
 FLAGS = flags.FLAGS
 
@@ -42,43 +43,28 @@ def resolve_settings(f) -> dict:
         sigma_rel_to_gamma(s)  # ValueError names the valid range
     if not Path(run).is_dir():
         raise ValueError(f'--in {run} is not a directory')
+    from edm2_jax.train_state import network_dir_name
     out = Path(f.out)
-    names = [out / dir_name(s, f.time) for s in stds]
+    names = [out / network_dir_name(s, f.time) for s in stds]
     clash = [str(p) for p in names if p.exists()]
     if clash and not f.overwrite:
         raise ValueError(f'{", ".join(clash)} exist (pass --overwrite to replace)')
     return dict(run=Path(run), stds=stds, time=f.time, out=out, overwrite=f.overwrite)
 
 
-def dir_name(sigma_rel: float, t: int | None) -> str:
-    return f'network-{sigma_rel:.3f}' if t is None else f'network-{t:012d}-{sigma_rel:.3f}'
-
-
 def reconstruct(s: dict) -> dict[float, Path]:
     """Reconstructs every σ_rel of `s` and writes them; returns {σ_rel: directory}."""
-    from edm2_jax import checkpoint, train_state
-    snaps = train_state.list_snapshots(s['run'])
-    if not snaps:
-        raise ValueError(f'--in {s["run"]} has no EMA snapshots (is it a run directory of experiments.train?)')
-    t = s['time'] if s['time'] is not None else max(sn.t for sn in snaps)
-    nets = train_state.reconstruct_phema(s['run'], s['stds'], t)
-    written = {}
-    for sigma_rel, net in nets.items():
-        dst = s['out'] / dir_name(sigma_rel, s['time'])
-        checkpoint.save(dst, net, source={'run_dir': str(s['run'].absolute()), 'sigma_rel': sigma_rel,
-                                          'images_seen': t}, decoder={'type': 'rgb'}, overwrite=s['overwrite'])
-        written[sigma_rel] = dst
-    return written
+    from edm2_jax import train_state
+    targets = {s_rel: s['out'] / train_state.network_dir_name(s_rel, s['time']) for s_rel in s['stds']}
+    return train_state.export_posthoc(s['run'], targets, t=s['time'], overwrite=s['overwrite'])
 
 
+@cli_main('phema', catch=(ValueError, FileNotFoundError, FileExistsError))
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     logging.set_verbosity(logging.WARNING)  # orbax logs every file of every save at INFO
-    try:
-        written = reconstruct(resolve_settings(FLAGS))
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        sys.exit(f'phema: error: {e}')
+    written = reconstruct(resolve_settings(FLAGS))
     for sigma_rel, path in written.items():
         print(f'phema: σ_rel {sigma_rel:.3f} → {path}')
 

@@ -28,6 +28,8 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
+from edm2_jax.errors import UserError, cli_main
+from edm2_jax.io import save_figure, write_json, write_text
 from edm2_jax.train_presets import EXPORT_SIGMA_RELS, PRESET_DATA, TRAIN_PRESETS
 from experiments.cpu_convolutions import use_eigen_convolutions
 
@@ -78,8 +80,9 @@ def resolve_settings(f) -> dict:
     else:
         try:
             cfg = TrainConfig.from_dict(json.loads(Path(f.config).read_text()))
-        except (OSError, json.JSONDecodeError, TypeError) as e:
-            raise ValueError(f'--config {f.config}: {e}') from None
+        except (OSError, ValueError, TypeError) as e:  # JSONDecodeError and UserError are ValueErrors
+            raise UserError(str(e), where=f'--config {f.config}',
+                            fix='write it from TrainConfig.to_dict() (JSON)') from None
         data, export = None, (0.10,)
     changes = {k: v for k, v in (('duration', f.duration), ('batch_size', f.batch), ('lr_ref', f.lr),
                                  ('seed', f.seed)) if v is not None}
@@ -141,16 +144,6 @@ def check_run_dir(s: dict) -> None:
 # ---------------------------------------------------------------------------------------------------
 # Files.
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f'.{path.name}.tmp')
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + '\n')
-
-
 def read_log(run_dir: Path) -> list[dict]:
     path = run_dir / LOG_FILE
     if not path.is_file():
@@ -163,7 +156,7 @@ def truncate_log(run_dir: Path, step: int) -> None:
     lines = read_log(run_dir)
     kept = [rec for rec in lines if rec['step'] <= step]
     if len(kept) != len(lines):
-        write_atomic(run_dir / LOG_FILE, ''.join(json.dumps(rec) + '\n' for rec in kept))
+        write_text(run_dir / LOG_FILE, ''.join(json.dumps(rec) + '\n' for rec in kept))
 
 
 def plot_loss(run_dir: Path, records: list[dict]) -> Path:
@@ -182,11 +175,8 @@ def plot_loss(run_dir: Path, records: list[dict]) -> Path:
     ax_lr.set_xlabel('training images (k)')
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()
-    path = run_dir / 'loss.png'
-    tmp = path.with_name('.loss.tmp.png')
-    fig.savefig(tmp, dpi=100)
+    path = save_figure(run_dir / 'loss.png', fig, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -236,6 +226,7 @@ def train(s: dict) -> dict:
 
     cfg, run_dir = s['config'], s['run_dir']
     check_run_dir(s)
+    train_state.remove_temporaries(run_dir)  # left by a process killed while saving
     images, labels = load_data(s)
     mesh = _mesh(s['devices'])
     num_devices = 1 if mesh is None else mesh.devices.size
@@ -320,14 +311,9 @@ def train(s: dict) -> dict:
 
     records = read_log(run_dir)
     plot_loss(run_dir, records)
-    exported = {}
-    nets = train_state.reconstruct_phema(run_dir, s['export'])
-    from edm2_jax import checkpoint
-    for sigma_rel, net in nets.items():
-        dst = run_dir / f'network-{sigma_rel:.3f}'
-        checkpoint.save(dst, net, source={'run_dir': str(run_dir.absolute()), 'sigma_rel': sigma_rel,
-                                          'images_seen': step * b}, decoder={'type': 'rgb'}, overwrite=True)
-        exported[f'{sigma_rel:.3f}'] = dst.name
+    targets = {float(sr): run_dir / train_state.network_dir_name(sr) for sr in s['export']}
+    train_state.export_posthoc(run_dir, targets, overwrite=True)
+    exported = {f'{sr:.3f}': dst.name for sr, dst in targets.items()}
     window = records[-max(1, len(records) // 10):]
     summary = {
         'preset': s['preset'], 'data': s['data'], 'config': cfg.to_dict(),
@@ -345,20 +331,18 @@ def train(s: dict) -> dict:
     return summary
 
 
+@cli_main('train', catch=(ValueError, FileNotFoundError, FloatingPointError))
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     logging.set_verbosity(logging.WARNING)  # orbax logs every file of every save at INFO
-    try:
-        s = resolve_settings(FLAGS)
-        if FLAGS.cpu_conv_via_eigen:
-            use_eigen_convolutions()
-        import jax
-        if s['devices'] and s['devices'] > 1:
-            jax.config.update('jax_num_cpu_devices', s['devices'])  # CPU only; accelerators ignore it
-        summary = train(s)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        sys.exit(f'train: error: {e}')
+    s = resolve_settings(FLAGS)
+    if FLAGS.cpu_conv_via_eigen:
+        use_eigen_convolutions()
+    import jax
+    if s['devices'] and s['devices'] > 1:
+        jax.config.update('jax_num_cpu_devices', s['devices'])  # CPU only; accelerators ignore it
+    summary = train(s)
     if 'stopped' in summary:
         print(f"train: stopped at step {summary['stopped']} (--stop_after_steps, --stop_kind={s['stop_kind']})")
         sys.exit(3 if s['stop_kind'] == 'kill' else 0)

@@ -11,6 +11,7 @@ import pytest
 from conftest import torch_params
 from convert.torch_names import torch_to_network
 from edm2_jax import checkpoint
+from edm2_jax.errors import UserError
 
 
 @pytest.fixture(scope='module')
@@ -103,7 +104,7 @@ def test_network_round_trip_and_mesh(tmp_path, net):
 
 
 def test_load_rejects_bad_directories(tmp_path, net):
-    with pytest.raises(FileNotFoundError, match='not a checkpoint directory'):
+    with pytest.raises(UserError, match='not a checkpoint directory'):
         checkpoint.load(tmp_path)
     checkpoint.save_variables(tmp_path / 'generic', _tree(), {'format': 'other'})
     with pytest.raises(ValueError, match="format is 'other'"):

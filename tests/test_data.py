@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from edm2_jax import data as D
+from edm2_jax.errors import UserError
 
 FMNIST = Path(D.FASHION_MNIST_ROOT)
 
@@ -173,7 +174,7 @@ def test_folder_unlabeled_and_errors(tmp_path):
     Image.fromarray(np.zeros((7, 5), np.uint8)).save(root / 'a' / 'odd.png')
     with pytest.raises(ValueError, match=r'a/odd.png: shape \(7, 5, 1\)'):
         D.load_images(str(root))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UserError, match='nothing: data source not found'):
         D.load_images(str(tmp_path / 'nothing'))
     (tmp_path / 'empty').mkdir()
     with pytest.raises(ValueError, match='no .png'):

@@ -9,6 +9,7 @@ from PIL import Image
 
 from convert import detectors
 from edm2_jax import checkpoint
+from edm2_jax.errors import UserError
 from edm2_jax.metrics import dinov2 as D
 from edm2_jax.metrics.frechet import load_refs
 from experiments import evaluate
@@ -54,5 +55,5 @@ def test_protocol_and_bad_inputs(setup):
         evaluate.run(root / 'same.npz', root / 'ref.pkl', ['fid'], root / 'det', num_images=0)
     with pytest.raises(ValueError, match='unknown metrics'):
         evaluate.run(root / 'same.npz', root / 'ref.pkl', ['is'], root / 'det')
-    with pytest.raises(FileNotFoundError, match='convert.detectors'):
+    with pytest.raises(UserError, match='convert.detectors'):
         evaluate.run(root / 'same.npz', root / 'png', ['fid'], root / 'nowhere', num_images=0)

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import scipy.linalg
+
+from edm2_jax.errors import UserError
+from edm2_jax.io import write_bytes
 
 try:
     from numpy._core import multiarray as _multiarray
@@ -98,37 +101,49 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 
 def load_refs(path) -> dict:
-    """Reads EDM2 `dataset-refs` statistics (.pkl, numpy-only unpickling) or a legacy EDM .npz."""
+    """Reads EDM2 `dataset-refs` statistics (.pkl, numpy-only unpickling) or a legacy EDM .npz.
+
+    Every entry must hold a finite real mu [d] and sigma [d, d]; anything else is a UserError naming
+    the file and the entry, raised before any distance is computed.
+    """
     path = Path(path)
+    fix = 'give an EDM2 dataset-refs .pkl or write one with `evaluate --make_ref`'
+    if not path.is_file():
+        raise UserError('does not exist or is not a file', where=str(path), fix=fix)
     data = path.read_bytes()
-    if path.suffix == '.npz':
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            refs = {'fid': {k: npz[k] for k in npz.files}}
-    else:
-        try:
+    try:
+        if path.suffix == '.npz':
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                refs = {'fid': {k: npz[k] for k in npz.files}}
+        else:
             refs = _NumpyOnlyUnpickler(io.BytesIO(data)).load()
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
-            raise ValueError(f'{path}: not a valid reference-statistics file ({e})') from e
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, TypeError, AttributeError,
+            KeyError, IndexError, OSError) as e:
+        raise UserError(f'not a valid reference-statistics file ({e})', where=str(path), fix=fix) from None
     if not isinstance(refs, dict):
-        raise ValueError(f'{path}: expected a dict of statistics, got {type(refs).__name__}')
+        raise UserError(f'expected a dict of statistics, got {type(refs).__name__}', where=str(path), fix=fix)
     for metric, stats in refs.items():
-        if metric == 'num_images':
-            continue
-        if not isinstance(stats, dict) or set(stats) != {'mu', 'sigma'}:
-            raise ValueError(f'{path}: entry {metric!r} must hold exactly mu and sigma')
-        mu, sigma = np.asarray(stats['mu']), np.asarray(stats['sigma'])
-        if mu.ndim != 1 or sigma.shape != mu.shape * 2:
-            raise ValueError(f'{path}: {metric} has mu {mu.shape} and sigma {sigma.shape}')
+        if metric != 'num_images':
+            _check_stats(stats, f'{path}: {metric!r}', fix)
     return refs
 
 
+def _check_stats(stats, where: str, fix: str) -> None:
+    if not isinstance(stats, dict) or set(stats) != {'mu', 'sigma'}:
+        raise UserError('must hold exactly mu and sigma', where=where, fix=fix)
+    mu, sigma = np.asarray(stats['mu']), np.asarray(stats['sigma'])
+    for name, a in (('mu', mu), ('sigma', sigma)):
+        if a.dtype.kind not in 'fiu':
+            raise UserError(f'{name} has dtype {a.dtype}, expected real numbers', where=where, fix=fix)
+        if not np.isfinite(a).all():
+            raise UserError(f'{name} holds non-finite values', where=where, fix=fix)
+    if mu.ndim != 1 or sigma.shape != mu.shape * 2:
+        raise UserError(f'mu {mu.shape} and sigma {sigma.shape}, expected [d] and [d, d]', where=where, fix=fix)
+
+
 def save_refs(path, refs: dict) -> None:
-    """Writes statistics in EDM2's pickle format, atomically (temporary name, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+    """Writes statistics in EDM2's pickle format, atomically."""
     plain = {k: (int(v) if k == 'num_images' else
                  {'mu': np.asarray(v['mu'], np.float64), 'sigma': np.asarray(v['sigma'], np.float64)})
              for k, v in refs.items()}
-    with open(tmp, 'wb') as f:
-        pickle.dump(plain, f)
-    os.replace(tmp, path)
+    write_bytes(path, pickle.dumps(plain))
