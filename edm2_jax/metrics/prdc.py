@@ -18,7 +18,10 @@ from edm2_jax.errors import UserError
 KD_TREE_MAX_DIM = 8
 
 
-def _sq_dists(a, b):
+def sq_dists(a, b, block: int | None = None) -> np.ndarray:
+    """[len(a), len(b)] squared distances |a_i|² + |b_j|² − 2a_i·b_j (float64), `block` rows of a at a time."""
+    if block is not None:
+        return np.concatenate([sq_dists(a[s:s + block], b) for s in range(0, len(a), block)])
     return np.maximum((a * a).sum(1)[:, None] + (b * b).sum(1)[None] - 2 * a @ b.T, 0.0)
 
 
@@ -31,7 +34,7 @@ def knn_radii(features, k: int, block: int = 1024) -> np.ndarray:
         return np.square(cKDTree(f).query(f, k + 1)[0][:, k])
     out = np.empty(len(f))
     for s in range(0, len(f), block):
-        d = _sq_dists(f[s:s + block], f)
+        d = sq_dists(f[s:s + block], f)
         out[s:s + block] = np.partition(d, k, axis=1)[:, k]   # index 0 is the point itself (distance 0)
     return out
 
@@ -45,7 +48,7 @@ def inside(queries, points, radii, block: int = 1024) -> np.ndarray:
         out[np.concatenate([np.asarray(h, np.int64) for h in hits])] = True
         return out
     for s in range(0, len(queries), block):
-        out[s:s + block] = (_sq_dists(queries[s:s + block], points) <= radii[None]).any(axis=1)
+        out[s:s + block] = (sq_dists(queries[s:s + block], points) <= radii[None]).any(axis=1)
     return out
 
 
