@@ -66,7 +66,7 @@ def test_fd_and_kid_of_multiplicities_are_those_of_the_repeated_rows():
     assert B.fd_statistic(fake, mu, sigma)(counts) == pytest.approx(fd, rel=1e-8)
     assert B.fd_statistic(fake, mu, sigma)(np.ones(40)) == pytest.approx(
         frechet_distance(fake.mean(0), np.cov(fake, rowvar=False), mu, sigma), rel=1e-8)
-    kid = B.kid_statistic(fake, real, block=7)
+    kid = B.kid_statistic(real, fake, block=7)
     assert kid(np.ones(40, np.int64)) == pytest.approx(mmd2_unbiased(fake, real), rel=1e-10)
     # generated term over pairs of positions holding different original rows
     origin = np.repeat(np.arange(40), counts)
@@ -107,3 +107,17 @@ def test_bad_input_is_one_clear_error(monkeypatch):
         B.kid_statistic(x, x)
     with pytest.raises(ValueError, match='num_resamples'):
         B.bootstrap({'mean': mean_of(x[:, 0])}, 20, num_resamples=1)
+
+
+def test_feature_statistics_at_the_original_set():
+    rng = np.random.default_rng(5)
+    real, fake = rng.standard_normal((60, 12)), 0.2 + rng.standard_normal((30, 12))
+    stats = B.feature_statistics(real, fake, k=2)
+    ones = np.ones(30, np.int64)
+    mu, sigma = real.mean(0), np.cov(real, rowvar=False)
+    assert stats['fd'](ones) == pytest.approx(
+        frechet_distance(fake.mean(0), np.cov(fake, rowvar=False), mu, sigma), rel=1e-8)
+    assert stats['kid'](ones) == pytest.approx(mmd2_unbiased(fake, real), rel=1e-10)
+    assert {n: stats[n](ones) for n in ('precision', 'recall')} == precision_recall(real, fake, 2)
+    intervals = B.bootstrap(stats, 30, num_resamples=50)
+    assert all(i.low <= i.high for i in intervals.values()) and set(intervals) == set(stats)

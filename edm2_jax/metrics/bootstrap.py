@@ -9,7 +9,7 @@ A statistic is a function of c, so the common ones need no copies of the rows:
   KID        MMD²_u over pairs of distinct original rows, Σ_{i≠j} c_i c_j k_ij / Σ_{i≠j} c_i c_j for
              the generated term (copies of one row are not a pair: no upward bias), all rows of the
              reference; from the generated kernel matrix (n ≤ MAX_ROWS) and reference row sums
-  precision Σ c_i·[x_i in the real manifold] / n
+  precision  Σ c_i·[x_i in the real manifold] / n
   recall     real points inside the manifold of the distinct resampled rows (a copy adds no volume;
              each radius is the k-th nearest other distinct resampled row). Counting copies as
              neighbours at distance 0 would shrink the radii and bias recall by −0.1 (measured,
@@ -27,7 +27,7 @@ from edm2_jax.errors import UserError
 from edm2_jax.metrics import kid as kid_lib
 from edm2_jax.metrics import prdc
 
-MAX_ROWS = 10_000          # generated rows for the n × n kernel / distance matrices (0.8 GB in float64)
+MAX_ROWS = 10_000          # generated rows for the n × n kernel / distance matrices (0.8 GB each in float64)
 Statistic = Callable[[np.ndarray], float]
 
 
@@ -106,9 +106,10 @@ def _check_rows(features, what: str):
                         f'bootstrap', where='features', fix=f'bootstrap a subset of at most {MAX_ROWS} rows')
 
 
-def kid_statistic(features, ref_features, block: int = 1024) -> Statistic:
-    """Full-set MMD²_u of the resampled generated multiset against all reference rows."""
-    y, x = kid_lib.check_features(ref_features, features)
+def kid_statistic(real, fake, block: int = 1024) -> Statistic:
+    """MMD²_u of the resampled generated rows (pairs of distinct original rows) against all reference
+    rows. Set-up cost O((n² + nm + m²)·d) once: keep the reference to about 10,000 rows."""
+    y, x = kid_lib.check_features(real, fake)
     _check_rows(x, 'KID')
     n, m = len(x), len(y)
     gram = np.empty((n, n))
@@ -121,9 +122,9 @@ def kid_statistic(features, ref_features, block: int = 1024) -> Statistic:
 
 
 def precision_recall_statistics(real, fake, k: int = 3, block: int = 1024) -> dict[str, Statistic]:
-    """{'precision', 'recall'} of the resampled fake set against the fixed real set (high dimensions:
-    the same blocked distances as `prdc`, so above KD_TREE_MAX_DIM dimensions c = 1 gives
-    prdc.precision_recall exactly)."""
+    """{'precision', 'recall'} of the resampled fake set against the fixed real set. Holds m×n and
+    two n×n matrices (≈ 8·(m + 2n)·n bytes); the blocked distances are prdc's, so above
+    prdc.KD_TREE_MAX_DIM dimensions c = 1 gives prdc.precision_recall exactly."""
     real, fake = prdc.check_features(real, fake)
     _check_rows(fake, 'precision/recall')
     if not 1 <= k < len(fake):
@@ -132,7 +133,7 @@ def precision_recall_statistics(real, fake, k: int = 3, block: int = 1024) -> di
     to_fake = prdc.sq_dists(real, fake, block)       # blocked as in prdc: the same floats
     between = prdc.sq_dists(fake, fake, block)
     np.fill_diagonal(between, -1.0)           # each row's own point first, then its neighbours
-    order = np.argsort(between, axis=1)[:, 1:]
+    order = np.argsort(between, axis=1)[:, 1:].astype(np.int32)
     sorted_dists = np.take_along_axis(between, order, axis=1)
 
     def recall(c):
@@ -142,3 +143,14 @@ def precision_recall_statistics(real, fake, k: int = 3, block: int = 1024) -> di
         return float((to_fake[:, used] <= radii).any(axis=1).mean())
 
     return {'precision': lambda c: float(c @ fake_in_real / c.sum()), 'recall': recall}
+
+
+def feature_statistics(real, fake, *, k: int = 3, ref_mu=None, ref_sigma=None,
+                       block: int = 1024) -> dict[str, Statistic]:
+    """{'fd', 'kid', 'precision', 'recall'} of the generated rows `fake` against the reference rows
+    `real`; FD against (ref_mu, ref_sigma) when given (e.g. EDM2 refs), else the real rows' own."""
+    real, fake = prdc.check_features(real, fake)
+    if ref_mu is None:
+        ref_mu, ref_sigma = real.mean(axis=0), np.cov(real, rowvar=False)
+    return {'fd': fd_statistic(fake, ref_mu, ref_sigma), 'kid': kid_statistic(real, fake, block),
+            **precision_recall_statistics(real, fake, k, block)}
