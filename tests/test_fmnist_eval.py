@@ -73,6 +73,7 @@ def test_test_set_against_its_own_statistics(evaluator, refs28, test_split):
     scale = np.trace(refs28.sigma)
     assert abs(r['fd_fmnist']) < 1e-6 * scale
     assert r['precision'] == 1.0 and r['recall'] == 1.0
+    assert abs(r['kid']) < r['kid_std']
     assert r['class_accuracy'] == evaluator.test_accuracy
     assert r['num_images'] == 10000
 
@@ -84,6 +85,7 @@ def test_exact_images_beat_noised_ones(evaluator, refs28, test_split):
     noised = fmnist.evaluate_images(evaluator, noisy, labels, refs28)
     assert exact['fd_fmnist'] < 0.5 * noised['fd_fmnist']
     assert exact['precision'] > noised['precision'] + 0.1
+    assert exact['kid'] < 0.5 * noised['kid'] and noised['kid'] > 5 * noised['kid_std'] / 10
     assert exact['class_accuracy'] > noised['class_accuracy']
 
 

@@ -25,3 +25,17 @@ def test_matches_brute_force_and_limits():
     np.testing.assert_allclose(knn_radii(np.array([[0.], [1.], [3.]]), 1), [1., 1., 4.])
     with pytest.raises(ValueError, match='k must be'):
         knn_radii(real[:3], 3)
+
+
+@pytest.mark.parametrize('dim', [2, 16])   # the k-d tree and the blocked-distance search
+def test_both_searches_match_brute_force(dim):
+    rng = np.random.default_rng(dim)
+    real, fake = rng.standard_normal((35, dim)), 0.5 + rng.standard_normal((25, dim))
+    fake[3] = fake[4]                         # a duplicate is a neighbour at distance 0
+    pr = precision_recall(real, fake, k=2, block=6)
+    assert (pr['precision'], pr['recall']) == pytest.approx(brute_force(real, fake, 2))
+
+
+def test_feature_shape_error_names_the_arguments():
+    with pytest.raises(ValueError, match=r'real, fake: features must be \[N, D\] with equal D'):
+        precision_recall(np.zeros((5, 3)), np.zeros((5, 4)))

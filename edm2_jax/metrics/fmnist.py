@@ -2,6 +2,8 @@
 
 - FD-FMNIST: Fréchet distance between the classifier's 128-d penultimate features of the images and
   of the 10,000 test images (EDM2 refs format, key 'fd_fmnist').
+- KID: unbiased kernel distance (Bińkowski et al. 2018; `edm2_jax.metrics.kid`: 100 seeded subsets of
+  1,000) on the same features against the test features, as 'kid' and 'kid_std' (over subsets).
 - precision / recall: k-NN manifolds (Kynkäänniemi et al. 2019, k = 3) on the same features, the
   10,000 test images being the real set.
 - class accuracy: fraction of images whose argmax class is the requested label.
@@ -19,13 +21,12 @@ trip (`data.resize` then `restore_resolution`), so the test set itself scores FD
 Cache layout (`cache_dir`):
   classifier/                     weights + config.json (settings, test accuracy), checkpoint.save_variables
   fmnist-test-{r}.pkl             EDM2 refs {'num_images', 'fd_fmnist': {mu, sigma}} at resolution r
-  fmnist-test-{r}-features.npz    test features and labels at r (precision/recall), classifier fingerprint
+  fmnist-test-{r}-features.npz    test features and labels at r (KID, precision/recall), classifier fingerprint
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -37,7 +38,9 @@ import numpy as np
 import optax
 
 from edm2_jax import checkpoint, data
+from edm2_jax.io import save_npz
 from edm2_jax.metrics.frechet import FeatureStats, frechet_distance, save_refs
+from edm2_jax.metrics.kid import kid
 from edm2_jax.metrics.prdc import precision_recall
 
 FORMAT = 'edm2-jax-fmnist-classifier'
@@ -231,15 +234,8 @@ class Reference(NamedTuple):
     resolution: int
     mu: np.ndarray            # float64 [128]
     sigma: np.ndarray         # float64 [128, 128]
-    features: np.ndarray      # float32 [10000, 128], for precision/recall
+    features: np.ndarray      # float32 [10000, 128], for KID and precision/recall
     labels: np.ndarray        # int32 [10000]
-
-
-def _save_npz(path: Path, **arrays):
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    with open(tmp, 'wb') as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
 
 
 def reference_stats(evaluator: Evaluator, cache_dir, resolution: int = 28) -> Reference:
@@ -259,7 +255,7 @@ def reference_stats(evaluator: Evaluator, cache_dir, resolution: int = 28) -> Re
         images, labels = data.load_fashion_mnist('test')
         features, computed = evaluator.features(round_trip(images, resolution)), True
         cache_dir.mkdir(parents=True, exist_ok=True)
-        _save_npz(npz, features=features, labels=labels, fingerprint=np.array(evaluator.fingerprint))
+        save_npz(npz, features=features, labels=labels, fingerprint=np.array(evaluator.fingerprint))
     mu, sigma = FeatureStats(FEATURE_DIM).add(features).mu_sigma()
     if computed or not pkl.exists():
         save_refs(pkl, {'num_images': len(features), REFS_KEY: {'mu': mu, 'sigma': sigma}})
@@ -269,8 +265,9 @@ def reference_stats(evaluator: Evaluator, cache_dir, resolution: int = 28) -> Re
 # --------------------------------------------------------------------------------- evaluation
 
 def evaluate_images(evaluator: Evaluator, images, requested_labels, refs: Reference, k: int = 3) -> dict:
-    """FD-FMNIST, precision, recall (k-NN, k) and class accuracy (None without labels) of uint8
-    [N,r,r,1] images against `refs` computed at the same resolution r. Needs N > k."""
+    """FD-FMNIST, KID (mean and std over subsets), precision, recall (k-NN, k) and class accuracy (None
+    without labels) of uint8 [N,r,r,1] images against `refs` computed at the same resolution r.
+    Needs N > k."""
     images = check_images(images)
     if images.shape[1] != refs.resolution:
         raise ValueError(f'images are {images.shape[1]}x{images.shape[2]} but the reference statistics '
@@ -282,6 +279,7 @@ def evaluate_images(evaluator: Evaluator, images, requested_labels, refs: Refere
     mu, sigma = FeatureStats(FEATURE_DIM).add(features).mu_sigma()
     result = {'num_images': len(images),
               REFS_KEY: frechet_distance(mu, sigma, refs.mu, refs.sigma),
+              **kid(refs.features, features),
               **precision_recall(refs.features, features, k=k)}
     result['class_accuracy'] = None if labels is None else float(np.mean(np.argmax(logits, 1) == labels))
     return result

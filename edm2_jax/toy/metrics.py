@@ -12,7 +12,7 @@ Names (keys of `evaluate`'s dict):
   kl_clip                       reverse KL estimate −Ĥ_kNN(q) − clipped mean log p_A
   mmd_02, mmd_10                unbiased MMD² (Gaussian kernel, bandwidth 0.02 / 0.1), 4,096 subsamples
   swd                           sliced Wasserstein-2 distance (256 directions)
-  precision, recall             k-NN precision / recall (k = 3, Kynkäänniemi et al. 2019)
+  precision, recall             k-NN precision / recall (k = 3), `edm2_jax.metrics.prdc`
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 from scipy.special import digamma
 
+from edm2_jax.metrics.prdc import precision_recall
 from edm2_jax.toy import fractal as mixture_lib
 
 LOGP_CLIP = -10.0
@@ -76,22 +77,6 @@ def sliced_wasserstein(x, y, key, num_directions: int = 256) -> float:
     return float(np.sqrt(np.mean(np.square(px - py))))
 
 
-def _covered_fraction(queries, centers, radii) -> float:
-    """Fraction of `queries` inside at least one ball (centers_j, radii_j) — via a k-d tree over the
-    queries, one ball at a time (balls are small except around isolated points)."""
-    hits = cKDTree(queries).query_ball_point(centers, radii)
-    covered = np.zeros(len(queries), bool)
-    covered[np.concatenate([np.asarray(h, np.int64) for h in hits])] = True
-    return float(covered.mean())
-
-
-def knn_precision_recall(gen, ref, k: int = 3):
-    """Fraction of gen inside the k-NN balls of ref (precision) and of ref inside gen's (recall)."""
-    r_ref = cKDTree(ref).query(ref, k + 1)[0][:, k]
-    r_gen = cKDTree(gen).query(gen, k + 1)[0][:, k]
-    return _covered_fraction(gen, ref, r_ref), _covered_fraction(ref, gen, r_gen)
-
-
 @jax.jit
 def _density_terms(x):
     mix_a, mix_b = mixture_lib.mixture('A'), mixture_lib.mixture('B')
@@ -121,7 +106,6 @@ def evaluate(samples, reference, *, tau: float, key, mmd_subsample: int = 4096) 
     ia = jax.random.permutation(k_mmd, len(x))[:n_sub]
     ib = jax.random.permutation(jax.random.fold_in(k_mmd, 1), len(ref))[:n_sub]
     mmd = mmd2(x[np.asarray(ia)], ref[np.asarray(ib)])
-    precision, recall = knn_precision_recall(x, ref)
     return {
         'logp_median': float(np.median(logp_a)),
         'logp_clip_mean': clip_mean,
@@ -137,6 +121,5 @@ def evaluate(samples, reference, *, tau: float, key, mmd_subsample: int = 4096) 
         'mmd_02': float(mmd[0]),
         'mmd_10': float(mmd[1]),
         'swd': sliced_wasserstein(x, ref, k_swd),
-        'precision': precision,
-        'recall': recall,
+        **precision_recall(ref, x),
     }
