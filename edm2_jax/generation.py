@@ -109,8 +109,11 @@ def claim_outdir(s: dict) -> None:
         raise UserError('is a file, not a directory', where=where, fix='choose a directory')
     record = run_record(s)
     run_file = outdir / RUN_FILE
-    started = outdir.is_dir() and any(p.name != RUN_FILE and not p.name.startswith(io.TMP_PREFIX)
-                                      for p in outdir.iterdir())
+    try:
+        started = outdir.is_dir() and any(p.name != RUN_FILE and not p.name.startswith(io.TMP_PREFIX)
+                                          for p in outdir.iterdir())
+    except OSError as e:
+        raise UserError(f'cannot read it ({e.strerror})', where=where, fix='choose a readable directory') from None
     if started and not run_file.is_file():
         raise UserError(f'holds files but no {RUN_FILE}: not a folder of this generator',
                         where=where, fix='choose a new or empty --outdir')
