@@ -18,12 +18,22 @@ from typing import Any, Callable
 TMP_PREFIX = '.tmp-'  # every temporary is '.tmp-<target name>.<random>'
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what open() would give: mkstemp's temporaries are 0600
+
+
 def write_atomic(path, write: Callable[[Path], Any]) -> Path:
     """write(temporary path), then rename onto `path` (parents created). On any failure the
     temporary is removed and the target is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'{TMP_PREFIX}{path.name}.', dir=path.parent)
+    os.fchmod(fd, FILE_MODE)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -43,20 +53,21 @@ def write_text(path, text: str) -> Path:
     return write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
-def _jsonable(value):
-    """JSON has no inf/nan and no tuples: non-finite floats become strings, tuples lists."""
+def jsonable(value):
+    """The value as JSON stores and reads it back: JSON has no inf/nan and no tuples, so non-finite
+    floats become strings, tuples lists, keys strings."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return value
 
 
 def write_json(path, obj) -> Path:
     """Indented JSON (non-finite floats as strings, unknown objects via str), atomically."""
-    return write_text(path, json.dumps(_jsonable(obj), indent=2, default=str) + '\n')
+    return write_text(path, json.dumps(jsonable(obj), indent=2, default=str) + '\n')
 
 
 def read_json(path):

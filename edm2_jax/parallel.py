@@ -78,11 +78,14 @@ class Layout:
         return self.per_device_batch * self.local_devices
 
 
-def process_slice(seeds, process_index: int | None = None, process_count: int | None = None) -> np.ndarray:
-    """This process's contiguous share of the global seed list (np.array_split: sizes differ by ≤ 1)."""
+def process_slice(seeds, process_index: int | None = None, process_count: int | None = None):
+    """This process's contiguous share of the global seed sequence, `seeds[start:stop]` (so a lazy
+    `seeds.Seeds` stays lazy); sizes differ by ≤ 1, the larger shares first (as np.array_split)."""
     p = jax.process_index() if process_index is None else process_index
     n = jax.process_count() if process_count is None else process_count
-    return np.array_split(np.asarray(seeds, np.int64), n)[p]
+    size, extra = divmod(len(seeds), n)
+    start = p * size + min(p, extra)
+    return seeds[start:start + size + (p < extra)]
 
 
 def agree_max(value: int) -> int:

@@ -37,7 +37,6 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import threading
 import time
 
@@ -48,7 +47,7 @@ import numpy as np
 from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from edm2_jax import EDM2Config, Network, get_preset, guidance as G, methods, network_inputs, sample
+from edm2_jax import EDM2Config, Network, get_preset, guidance as G, io, methods, network_inputs, sample
 from edm2_jax.denoiser import edm2_denoiser, prepare_terms
 from edm2_jax.sampling import guidance_terms
 
@@ -361,15 +360,6 @@ def table(results) -> str:
     return '\n'.join([lines[0], '  '.join('-' * w for w in widths)] + lines[1:])
 
 
-def write_json(path, data):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix='.tmp')
-    with os.fdopen(fd, 'w') as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
-
-
 def main(argv):
     del argv
     if FLAGS.quick:  # defaults of a tiny run; flags given explicitly still win
@@ -425,7 +415,7 @@ def main(argv):
     }
     print(table(results))
     if FLAGS.out:
-        write_json(FLAGS.out, report)
+        io.write_text(FLAGS.out, json.dumps(report, indent=1))
         print(f'wrote {FLAGS.out}')
 
 

@@ -16,8 +16,6 @@ Degradations are applied at 28×28, then the images are resized to r as a genera
 """
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 
@@ -25,7 +23,7 @@ import numpy as np
 import scipy.ndimage
 from absl import app, flags
 
-from edm2_jax import data
+from edm2_jax import data, io
 from edm2_jax.metrics import fmnist
 
 FLAGS = flags.FLAGS
@@ -82,12 +80,6 @@ def _row_md(r):
             f'{r["recall"]:.4f} | {acc} |')
 
 
-def write_atomic(path: Path, text: str):
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -108,7 +100,7 @@ def main(argv):
             for row in sanity_rows(evaluator, cache, r, FLAGS.num_train, blurs, noises)]
     result = {'classifier': evaluator.meta, 'fingerprint': evaluator.fingerprint,
               'rows': rows, 'wall_seconds': round(time.time() - start, 1)}
-    write_atomic(cache / 'evaluator.json', json.dumps(result, indent=2) + '\n')
+    io.write_json(cache / 'evaluator.json', result)
     md = ['# Fashion-MNIST evaluator\n',
           f'Classifier: {evaluator.meta["architecture"]}; features: {fmnist.FEATURE_DIM}-d pre-ReLU '
           f'penultimate layer. Training: {evaluator.meta["settings"]}, {evaluator.meta["train_seconds"]} s.',
@@ -117,7 +109,7 @@ def main(argv):
           'Precision/recall: k-NN manifolds, k = 3.\n',
           '| res | set | FD-FMNIST | precision | recall | class acc. |', '|---|---|---|---|---|---|',
           *map(_row_md, rows), f'\nWall time of this report: {result["wall_seconds"]} s.']
-    write_atomic(cache / 'evaluator.md', '\n'.join(md) + '\n')
+    io.write_text(cache / 'evaluator.md', '\n'.join(md) + '\n')
     print(f'wrote {cache / "evaluator.json"} and {cache / "evaluator.md"} ({result["wall_seconds"]} s)')
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 from absl import app, flags, logging
 
+from edm2_jax import io
 from experiments import study_methods as SM
 from experiments.cpu_convolutions import use_eigen_convolutions
 
@@ -165,23 +165,9 @@ def compile_count() -> int:
 # ---------------------------------------------------------------------------------------------------
 # Result files.
 
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_json(path: Path, obj) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1, allow_nan=True) + '\n'))
-
-
-def _save_npz(path: Path, images) -> None:
-    with open(path, 'wb') as fh:  # a file object: np.savez would append .npz to the temp name
-        np.savez(fh, images=images)
+    """NaN kept as the JSON literal: the results read back as floats (a resumed study formats them)."""
+    io.write_text(path, json.dumps(obj, indent=1, allow_nan=True) + '\n')
 
 
 def result_path(out: Path, model: str, method: str, sid: str, seed_set: str) -> Path:
@@ -213,7 +199,7 @@ class Runner:
         metrics = _metrics(self.score(images, requested_labels(net, seeds)))
         score_s = time.perf_counter() - start
         if seed_set == 'report0':  # the image grid's source; written before the JSON that marks it done
-            write_atomic(path.with_suffix('.npz'), lambda tmp: _save_npz(tmp, images[:self.p.grid_n]))
+            io.save_npz(path.with_suffix('.npz'), images=images[:self.p.grid_n])
         res = dict(model=model, method=method.name, setting=setting, setting_id=sid, seed_set=seed_set,
                    seeds=dict(first=int(seeds[0]), count=len(seeds)), num_steps=self.p.num_steps,
                    nfe_per_image=SM.nfe_per_image(kwargs, net.config, self.p.num_steps),
@@ -466,7 +452,7 @@ def plot_tradeoffs(results: dict, path: Path, model: str) -> None:
     fig.suptitle(f'{model}: tuning grid, FD vs recall (★ tuned; × no guidance; dashed: real images)',
                  fontsize=10)
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format='png'))
+    io.save_figure(path, fig, dpi=100)
     plt.close(fig)
 
 
@@ -500,14 +486,13 @@ def plot_insitu_heatmap(results: dict, path: Path, model: str) -> bool:
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format='png'))
+    io.save_figure(path, fig, dpi=100)
     plt.close(fig)
     return True
 
 
 def write_grid(src: Path, dst: Path) -> None:
     """One class per column (label = seed mod 10, report seeds start at a multiple of 10)."""
-    from PIL import Image
     with np.load(src) as z:
         images = z['images']
     n, r, _, c = images.shape
@@ -515,13 +500,12 @@ def write_grid(src: Path, dst: Path) -> None:
     grid = images[:rows * 10].reshape(rows, 10, r, r, c).transpose(0, 2, 1, 3, 4).reshape(rows * r, 10 * r, c)
     scale = max(1, 64 // r)
     grid = np.repeat(np.repeat(grid, scale, 0), scale, 1)
-    img = Image.fromarray(grid[..., 0] if c == 1 else grid, 'L' if c == 1 else 'RGB')
-    write_atomic(dst, lambda tmp: img.save(tmp, format='PNG'))
+    io.save_png(dst, grid)
 
 
 def write_outputs(results: dict, out: Path, protocol: Protocol) -> None:
     write_json(out / 'results.json', results)
-    write_atomic(out / 'results.md', lambda tmp: tmp.write_text(results_markdown(results, protocol)))
+    io.write_text(out / 'results.md', results_markdown(results, protocol))
     for model, methods in results['models'].items():
         plot_tradeoffs(results, out / 'plots' / f'tradeoff-{model}.png', model)
         plot_insitu_heatmap(results, out / 'plots' / f'insitu-heatmap-{model}.png', model)

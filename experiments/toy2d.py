@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -22,7 +21,7 @@ import numpy as np
 from absl import app, flags, logging
 from tqdm.auto import tqdm
 
-from edm2_jax import checkpoint
+from edm2_jax import checkpoint, io
 from edm2_jax import guidance as G
 from edm2_jax import methods as registry
 from edm2_jax.toy import metrics as metrics_lib
@@ -242,14 +241,6 @@ def dropout_sanity(models, key, rates):
 # ---------------------------------------------------------------------------------------------------
 # Output.
 
-def _atomic_write(path: Path, text: str):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
-    os.fchmod(fd, 0o644)  # mkstemp makes 0600 files
-    with os.fdopen(fd, 'w') as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def aggregate(runs: list[dict]) -> tuple[dict, dict]:
     """Mean and std over runs of method → metric → value."""
     mean, std = {}, {}
@@ -304,10 +295,10 @@ def summary(mean):
 
 
 def write_outputs(outdir: Path, mean, std, n_runs, info: dict, sanity: dict):
-    _atomic_write(outdir / 'metrics.json', json.dumps(mean, indent=1) + '\n')
+    io.write_text(outdir / 'metrics.json', json.dumps(mean, indent=1) + '\n')
     if n_runs > 1:
-        _atomic_write(outdir / 'metrics_std.json', json.dumps(std, indent=1) + '\n')
-    _atomic_write(outdir / 'run.json', json.dumps({**info, 'dropout_sanity': sanity}, indent=1) + '\n')
+        io.write_text(outdir / 'metrics_std.json', json.dumps(std, indent=1) + '\n')
+    io.write_text(outdir / 'run.json', json.dumps({**info, 'dropout_sanity': sanity}, indent=1) + '\n')
     md = ['# Toy 2-D guidance comparison', '',
           f'{info["num_samples"]} samples per method; {n_runs} run(s) (training seeds {info["train_seeds"]} × '
           f'sampling seeds {info["sample_seeds"]}){" — mean ± std" if n_runs > 1 else ""}. '
@@ -319,7 +310,7 @@ def write_outputs(outdir: Path, mean, std, n_runs, info: dict, sanity: dict):
                '| model / σ | dropout off | one pass | mean of 32 passes |', '| --- | --- | --- | --- |']
         md += [f'| {k} | {v["off"]:.4g} | {v["one_pass"]:.4g} | {v["mean_32"]:.4g} |' for k, v in sanity.items()]
     md += ['', f'Wall time: {info["wall_time_s"]:.0f} s ({info["machine"]}).', '']
-    _atomic_write(outdir / 'metrics.md', '\n'.join(md))
+    io.write_text(outdir / 'metrics.md', '\n'.join(md))
 
 
 def pick_insitu(mean, w, prefix='in-situ p='):

@@ -1,18 +1,22 @@
-"""experiments.generate: bad flags fail fast, an interrupted run resumed gives the files of an
-uninterrupted one (no partial files left), NaN samples stop the run naming their seeds."""
+"""experiments.generate and edm2_jax.generation: bad flags and unusable output folders fail fast with
+one line, an interrupted run (killed, or Ctrl-C) resumed gives the files of an uninterrupted one (no
+partial files left), a folder never mixes two runs, NaN samples stop the run naming their seeds."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from edm2_jax import generation, io
+from edm2_jax.errors import UserError
 from test_parallel import write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-STOP_ENV = 'EDM2_GENERATE_STOP_AFTER_BATCHES'
 
 
 def _cmd(*args):
@@ -42,20 +46,105 @@ def _env(**extra):
     (['--net=NET', '--method=sigma-shift', '--guidance=2'], 'needs --strength'),
     (['--net=NET', '--method=pag', '--guidance=2', '--window=4,2'], '--window is for --method=swg'),
     (['--net=NET', '--method=pag', '--guidance=2', '--gnet=NET'], 'uses no --gnet'),
+    (['--net=NET', '--seeds=99999999999999999999'], '--seeds: seed 99999999999999999999 in'),
+    (['--net=NET', '--seeds=0-9,5'], 'lists seed 5 twice'),
+    (['--net=NET', '--seeds=0-99999999'], 'more than 10,000,000'),
+    (['--net=NET', '--sigma_min=0'], 'need 0 < sigma_min < sigma_max'),
+    (['--net=NET', '--rho=0'], 'rho must be > 0'),
+    (['--net=NET', '--num_steps=0'], 'num_steps must be an integer >= 1'),
+    (['--net=NET', '--method=cfg', '--guidance=nan'], '--guidance: must be a finite number'),
+    (['--net=NET', '--S_churn=-1'], 'need S_churn >= 0'),
+    (['--net=NET', '--class=3'], '--class: must lie in [0, 0)'),
 ])
 def test_bad_flags_fail_fast(tmp_path, args, message):
-    net = tmp_path / 'net'  # the flag checks look only for config.json: nothing is loaded
-    net.mkdir()
+    net = tmp_path / 'net'  # the flag checks look only at config.json: nothing is loaded
+    (net / 'variables').mkdir(parents=True)
     (net / 'config.json').write_text('{}')
     args = [a.replace('NET', str(net)).replace('CKPTS', str(tmp_path)) for a in args]
     r = subprocess.run(_cmd(*args, f'--outdir={tmp_path / "out"}'), cwd=ROOT, env=_env(),
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+    assert r.stderr.count('\n') == 1 and r.stderr.startswith('generate: error: ')  # one line, no traceback
     assert not (tmp_path / 'out').exists()
 
 
-RUN = ['--method=insitu', '--guidance=2', '--p=0.25', '--seeds=3-9', '--batch=2', '--num_steps=3',
+def test_unusable_outdir_fails_before_loading(tmp_path):
+    """A file as --outdir, a folder inside a file, a read-only folder: one line, exit 2, and the
+    (unloadable) checkpoint never read; a negative guidance weight only warns."""
+    net = tmp_path / 'net'
+    (net / 'variables').mkdir(parents=True)
+    (net / 'config.json').write_text('{}')  # loading it would fail with another message
+    (tmp_path / 'file').write_text('x')
+    read_only = tmp_path / 'ro'
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    if os.geteuid() == 0:  # root writes anywhere that is not a read-only file system
+        read_only = Path('/sys/edm2-jax-generate-test')
+    cases = [(tmp_path / 'file', 'is a file'), (tmp_path / 'file' / 'out', 'cannot write there'),
+             (read_only / 'out', 'cannot write there')]
+    for outdir, message in cases:
+        start = time.perf_counter()
+        r = subprocess.run(_cmd(f'--net={net}', f'--outdir={outdir}'), cwd=ROOT, env=_env(),
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and message in r.stderr and r.stderr.count('\n') == 1, r.stderr[-2000:]
+        assert time.perf_counter() - start < 30  # a load and compile first took minutes on a real net
+    r = subprocess.run(_cmd(f'--net={net}', '--method=cfg', '--w=-0.5', f'--outdir={tmp_path / "neg"}'),
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
+    assert 'generate: warning: guidance g = 0.5 < 1' in r.stderr, r.stderr[-2000:]
+
+
+def _settings(outdir, net, **changes):
+    s = dict(net=str(net), gnet=None, vae=None, method='insitu', guidance=2.0, p=0.25, perturb=None,
+             strength=None, window=None, interval=None, interval_steps=(0, 2), fusion='prefix', num_steps=3,
+             sigma_min=0.002, sigma_max=80.0, rho=7.0, S_churn=0.0, S_min=0.0, S_max=float('inf'),
+             S_noise=1.0, class_idx=None, dtype='float32', subdirs=False, save_npz=False, outdir=str(outdir))
+    return {**s, **changes}
+
+
+def test_a_folder_never_mixes_runs(tmp_path):
+    net = tmp_path / 'net'
+    (net / 'variables').mkdir(parents=True)
+    (net / 'config.json').write_text('{"config": {"label_dim": 10}}')
+    out = tmp_path / 'out'
+    start = time.perf_counter()
+    generation.claim_outdir(_settings(out, net))
+    assert time.perf_counter() - start < 1
+    stored = json.loads((out / 'run.json').read_text())
+    assert stored['settings']['interval_steps'] == [0, 2] and stored['settings']['S_max'] == 'inf'
+    assert stored['checkpoints']['net']['config_sha256'] == __import__('hashlib').sha256(
+        (net / 'config.json').read_bytes()).hexdigest()
+    generation.claim_outdir(_settings(out, net, guidance=3.0))  # no image yet: taken over
+    (out / '000000.png').write_bytes(b'an image')
+    generation.claim_outdir(_settings(out, net, guidance=3.0))  # the same settings resume
+    with pytest.raises(UserError, match=r'other settings: guidance, rho differ.*rerun with the settings'):
+        generation.claim_outdir(_settings(out, net, rho=5.0))
+    (net / 'config.json').write_text('{"config": {"label_dim": 10}, "x": 1}')
+    with pytest.raises(UserError, match='net config_sha256 differ'):
+        generation.claim_outdir(_settings(out, net, guidance=3.0))
+    (tmp_path / 'other').mkdir()
+    (tmp_path / 'other' / 'notes.txt').write_text('mine')
+    with pytest.raises(UserError, match='holds files but no run.json'):
+        generation.claim_outdir(_settings(tmp_path / 'other', net))
+
+
+def test_failed_write_leaves_no_temporary(tmp_path, monkeypatch):
+    """The disk filling up in the middle of a PNG: the npz before it is whole, nothing else is left."""
+    from PIL import Image
+
+    def full(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b'half a png')
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(Image.Image, 'save', full)
+    x = np.ones((8, 8, 3), np.float32)
+    with pytest.raises(OSError, match='No space'):
+        generation.save_seed(tmp_path, 7, {'subdirs': False, 'save_npz': True}, x, np.zeros((8, 8, 3), np.uint8))
+    assert os.listdir(tmp_path) == ['000007.npz']
+    np.testing.assert_array_equal(np.load(tmp_path / '000007.npz')['x'], x)
+
+
+RUN = ['--method=insitu', '--guidance=2', '--p=0.25', '--seeds=3-40', '--batch=1', '--num_steps=3',
        '--save_npz', '--subdirs', '--noprogress', '--grid=4']
+SEEDS = range(3, 41)
 
 
 def _files(outdir):
@@ -63,45 +152,66 @@ def _files(outdir):
             if p.is_file() and p.name != 'summary.json'}
 
 
+def _start(*args, **env):
+    return subprocess.Popen(_cmd(*args), cwd=ROOT, env=_env(**env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _interrupt_at_first_image(proc, outdir, sig):
+    """Sends `sig` once the first PNG exists (the run then has more batches to go)."""
+    deadline = time.time() + 300
+    while not list(outdir.rglob('*.png')):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.005)
+    proc.send_signal(sig)
+    return proc.communicate(timeout=120)[0]
+
+
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_and_nan_stops(tmp_path):
     net = write_tiny_checkpoint(tmp_path / 'net')
     bad = write_tiny_checkpoint(tmp_path / 'bad', nan=True)
-    full, part, nan_out, cache = (tmp_path / n for n in ('full', 'part', 'nan', 'cache'))
+    full, killed, stopped, nan_out, cache = (tmp_path / n for n in ('full', 'killed', 'stopped', 'nan', 'cache'))
     common = [f'--net={net}', *RUN]
-    procs = [
-        subprocess.Popen(_cmd(*common, f'--outdir={full}'), cwd=ROOT, env=_env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
-        subprocess.Popen(_cmd(*common, f'--outdir={part}', f'--compile_cache={cache}'), cwd=ROOT,
-                         env=_env(**{STOP_ENV: '2'}), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
-        subprocess.Popen(_cmd(f'--net={bad}', '--seeds=0-2', '--batch=2', '--num_steps=2', '--noprogress',
-                              f'--outdir={nan_out}'), cwd=ROOT, env=_env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
+    procs = [_start(*common, f'--outdir={full}'),
+             _start(*common, f'--outdir={killed}', f'--compile_cache={cache}'),
+             _start(*common, f'--outdir={stopped}'),
+             _start(f'--net={bad}', '--seeds=0-2', '--batch=2', '--num_steps=2', '--noprogress', f'--outdir={nan_out}')]
+    kill_out = _interrupt_at_first_image(procs[1], killed, signal.SIGKILL)
+    stop_out = _interrupt_at_first_image(procs[2], stopped, signal.SIGINT)
+    outs = [p.communicate(timeout=300)[0] for p in (procs[0], procs[3])]
     assert procs[0].returncode == 0, outs[0][-3000:]
-    assert procs[1].returncode == 3, outs[1][-3000:]   # the simulated kill after 2 batches
-    assert procs[2].returncode == 1 and 'non-finite samples: seeds [0, 1]' in outs[2], outs[2][-3000:]
+    assert procs[1].returncode == -signal.SIGKILL, kill_out[-3000:]
+    assert procs[2].returncode == 130, stop_out[-3000:]
+    last = stop_out.strip().splitlines()[-1]  # Ctrl-C: one line, how many were saved, how to resume
+    assert last.startswith('generate: interrupted after saving ') and 'rerun the same command to resume' in last
+    assert 'Traceback' not in stop_out
+    assert procs[3].returncode == 2 and 'non-finite samples: seeds [0, 1]' in outs[1], outs[1][-3000:]
     assert not list(nan_out.rglob('*.png'))
 
-    # The interrupted run left 4 complete images (+ npz) and nothing else; plant the leftovers of a
-    # kill in the middle of a write, which the resumed run must remove.
-    assert sorted(p.name for p in part.rglob('*.png')) == [f'{s:06d}.png' for s in range(3, 7)]
-    assert not (part / 'summary.json').exists()
-    (part / '000000' / '.000008.png.tmp').write_bytes(b'partial')
+    # The interrupted runs left complete images (+ npz) of a prefix of the seeds and no summary;
+    # plant the leftover of a kill in the middle of a write, which the resumed run must remove.
+    for part in (killed, stopped):
+        pngs = sorted(p.name for p in part.rglob('*.png'))
+        assert 0 < len(pngs) < len(SEEDS) and pngs == [f'{s:06d}.png' for s in SEEDS[:len(pngs)]]
+        assert not (part / 'summary.json').exists()
+    (killed / '000000' / f'{io.TMP_PREFIX}000008.png.x1y2').write_bytes(b'partial')
     assert any(cache.iterdir())  # the persistent compilation cache was written
-
-    r = subprocess.run(_cmd(*common, f'--outdir={part}', f'--compile_cache={cache}'), cwd=ROOT, env=_env(),
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    summary = json.loads((part / 'summary.json').read_text())
-    assert (summary['images_generated'], summary['images_skipped']) == (3, 4)
 
     expected = _files(full)
     assert sorted(str(k) for k in expected) == sorted(
-        ['grid.png'] + [f'000000/{s:06d}.{e}' for s in range(3, 10) for e in ('png', 'npz')])
-    got = _files(part)
-    assert got.keys() == expected.keys()
-    for k in expected:
-        assert got[k] == expected[k], k
+        ['grid.png', 'run.json'] + [f'000000/{s:06d}.{e}' for s in SEEDS for e in ('png', 'npz')])
+    for part, extra in ((killed, [f'--compile_cache={cache}']), (stopped, [])):
+        before = len(list(part.rglob('*.png')))
+        r = subprocess.run(_cmd(*common, f'--outdir={part}', *extra), cwd=ROOT, env=_env(),
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        summary = json.loads((part / 'summary.json').read_text())
+        assert (summary['images_generated'], summary['images_skipped']) == (len(SEEDS) - before, before)
+        got = _files(part)
+        assert got.keys() == expected.keys()
+        for k in expected:
+            assert got[k] == expected[k], (part, k)
     raw = np.load(full / '000000' / '000005.npz')['x']
     assert raw.shape == (8, 8, 3) and np.isfinite(raw).all()
 

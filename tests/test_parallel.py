@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edm2_jax import parallel
+from edm2_jax import io, parallel
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = '0-6'  # 7 seeds: not divisible by 2, 4 or 8; per-device batch 2 pads every layout's last batch
@@ -113,7 +113,7 @@ def test_same_images_for_every_layout(layouts):
     raw4, png4 = _load(layouts / '4dev')
     np.testing.assert_allclose(raw4, raw1, rtol=0, atol=2e-3)
     assert np.abs(png4.astype(int) - png1).max() <= 1
-    assert not list(layouts.glob('*/.*.tmp'))
+    assert not list(layouts.glob(f'*/{io.TMP_PREFIX}*'))
 
 
 def test_summary_counts_devices_and_hosts(layouts):

@@ -2,12 +2,10 @@
 zoomed trajectories) and the in-situ (w, p) heat-maps. Needs matplotlib."""
 from __future__ import annotations
 
-import os
-import tempfile
-
 import jax.numpy as jnp
 import numpy as np
 
+from edm2_jax import io
 from edm2_jax.toy import fractal as mixture_lib
 
 OVERVIEW = ((0.30, 0.30), 1.2)     # (centre, half-size) of the overview panels
@@ -52,19 +50,6 @@ def _frame(ax, view, title):
     ax.set_title(title, fontsize=10)
 
 
-def _save(fig, path):
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(suffix='.png', dir=os.path.dirname(path) or '.')
-    os.fchmod(fd, 0o644)  # mkstemp makes 0600 files
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def overview_figure(path, panels, grid: int = 300):
     """panels: list of (title, samples [N, 2], trajectories [S+1, n, 2] or None), drawn left to right:
     samples over the class regions (top), zoomed trajectories over the class-A density (bottom)."""
@@ -89,7 +74,7 @@ def overview_figure(path, panels, grid: int = 300):
             ax.scatter(t[-1, :, 0], t[-1, :, 1], s=5, c='k', linewidths=0)
         _frame(ax, ZOOM, 'trajectories from σ = 0.03')
     fig.tight_layout()
-    _save(fig, path)
+    io.save_figure(path, fig, dpi=110)
     plt.close(fig)
 
 
@@ -110,5 +95,5 @@ def sweep_figure(path, ps, ws, values: dict[str, np.ndarray], reference: dict[st
         ax.set_title(f'{name} (no guidance: {reference.get(name, float("nan")):.3g})', fontsize=9)
         fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    _save(fig, path)
+    io.save_figure(path, fig, dpi=110)
     plt.close(fig)
