@@ -22,7 +22,6 @@ from edm2_jax.seeds import format_seeds
 
 RUN_FILE = 'run.json'
 SUMMARY_FILE = 'summary.json'
-SELF_GUIDANCE = ('pag', 'slg', 'seg', 'tpg', 'sigma-shift', 'swg')  # the network degraded at call time
 CHECKPOINTS = ('net', 'gnet', 'vae')
 # The settings that decide a seed's files; the others (seeds, batch, grid, …) may change on a resume.
 IMAGE_SETTINGS = ('method', 'guidance', 'p', 'perturb', 'strength', 'window', 'interval', 'interval_steps',
@@ -128,22 +127,16 @@ def claim_outdir(s: dict) -> None:
                         fix='choose a writable directory') from None
 
 
-def nfe_per_image(s: dict, num_guides: int) -> int:
-    """Network evaluations per image (guides counted inside the interval; churn ignored)."""
-    from edm2_jax import sampling
-    n = s['num_steps']
-    evals = [(i, 0) for i in range(n)] + [(i, 1) for i in range(n - 1)]
-    t = np.asarray(sampling.sigma_steps(n, s['sigma_min'], s['sigma_max'], s['rho']))
-    guided = 0
-    for i, stage in evals:
-        sigma = t[i] if stage == 0 else t[i + 1]
-        if s['interval'] is not None:
-            guided += s['interval'][0] < sigma <= s['interval'][1]
-        elif s['interval_steps'] is not None:
-            guided += s['interval_steps'][0] <= i <= s['interval_steps'][1]
-        else:
-            guided += 1
-    return len(evals) + num_guides * guided
+def nfe_per_image(s: dict, net, guide) -> float:
+    """Network evaluations per image of the settings (`methods.nfe_per_image`; churn ignored)."""
+    from edm2_jax import guidance, methods, sampling
+    terms = sampling.guidance_terms(s['method'], s['guidance'], s['strength'], guide=guide, blocks=s['blocks'],
+                                    window=s['window'])
+    interval = s['interval']
+    if s['interval_steps'] is not None:
+        interval = guidance.Interval.steps(*s['interval_steps'])
+    return methods.nfe_per_image(terms, net.config, s['num_steps'], interval, s['sigma_min'], s['sigma_max'],
+                                 s['rho'])
 
 
 def write_grid(outdir: Path, s: dict, count: int) -> None:
@@ -169,11 +162,7 @@ def sampler_kwargs(s: dict) -> dict:
                   sigma_min=s['sigma_min'], sigma_max=s['sigma_max'], rho=s['rho'], S_churn=s['S_churn'],
                   S_min=s['S_min'], S_max=s['S_max'], S_noise=s['S_noise'])
     if s['method'] != 'none':
-        kwargs.update(guidance=s['guidance'], interval=s['interval'], interval_steps=s['interval_steps'])
-    if s['method'] in ('insitu', 'hybrid'):
-        kwargs.update(dropout_rate=s['p'], perturb=s['perturb'])
-    if s['method'] in SELF_GUIDANCE:
-        kwargs.update({k: s[k] for k in ('perturb', 'strength', 'window') if s[k] is not None})
+        kwargs.update({k: s[k] for k in ('guidance', 'strength', 'blocks', 'window', 'interval', 'interval_steps')})
     return kwargs
 
 
@@ -188,15 +177,15 @@ def _load(s: dict, layout):
     dtype = jnp.dtype(s['dtype'])
     net = checkpoint.load(s['net'], layout.mesh).replace(dtype=dtype)
     guide = None if s['gnet'] is None else checkpoint.load(s['gnet'], layout.mesh).replace(dtype=dtype)
-    decoder_meta = checkpoint.read_meta(s['net']).get('decoder')
-    if (decoder_meta or {}).get('type', 'rgb') == 'rgb' and net.config.img_channels not in (1, 3):
+    decoder = checkpoint.read_decoder(s['net'])
+    if (decoder is None or decoder.kind == 'rgb') and net.config.img_channels not in (1, 3):
         raise UserError(f'a pixel-space network must have 1 (greyscale) or 3 (RGB) channels, not '
                         f'{net.config.img_channels}', where=s['net'],
                         fix='is it a latent model converted without its decoder?')
     vae = None if s['vae'] is None else vae_lib.load(s['vae'], mesh=layout.mesh)
-    s['latents_only'] = (decoder_meta or {}).get('type') == 'sd-vae' and vae is None
+    s['latents_only'] = decoder is not None and decoder.kind == 'sd-vae' and vae is None
     if not s['latents_only']:
-        return net, guide, parallel.make_decoder(layout, decoder_meta, vae)
+        return net, guide, parallel.make_decoder(layout, decoder, vae)
     if jax.process_index() == 0:
         print(f"generate: {s['net']} is a latent model and no --vae was given: saving latents "
               '({seed:06d}.npy, EDM2 latent space) instead of PNGs; decode them later with '
@@ -280,7 +269,7 @@ def generate(s: dict, *, multihost_kwargs: dict | None = None, progress: bool = 
         'settings': {k: v for k, v in s.items() if k != 'seeds'},
         'seeds': {'count': len(seeds), 'first': seeds[0], 'last': seeds[-1], 'list': format_seeds(seeds)},
         'checkpoints': {k: checkpoint_info(s[k]) for k in CHECKPOINTS if s[k] is not None},
-        'nfe_per_image': nfe_per_image(s, {'none': 0}.get(s['method'], 1)),
+        'nfe_per_image': nfe_per_image(s, net, guide),
         'images_generated': generated,
         'images_skipped': len(seeds) - generated,
         'batches': num_batches,

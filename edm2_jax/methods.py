@@ -143,6 +143,11 @@ def check_arguments(m: Method, *, strength=None, guide=None, blocks=None, window
         raise ValueError(f'method {m.name!r} takes no window')
 
 
+BLOCKS_HELP = ('Blocks a perturbation acts on: all | encoder | decoder | bottleneck | a level RxR (e.g. 8x8) or '
+               'one side of it (enc.8x8, dec.8x8) | block names (dec.8x8_block0 or dec_8x8_block0); a comma '
+               'list of any of these.')
+
+
 def help_text() -> str:
     """One line per method (for --method's help)."""
     return '\n'.join(REGISTRY[n].help() for n in NAMES)

@@ -20,24 +20,23 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 from absl import app, flags
 
-from edm2_jax import generation
+from edm2_jax import generation, methods
 from edm2_jax.errors import UserError, cli_main
 from edm2_jax.published import PUBLISHED
 from edm2_jax.seeds import parse_seeds
 
 FLAGS = flags.FLAGS
-SELF_GUIDANCE = generation.SELF_GUIDANCE
-METHODS = ('none', 'cfg', 'autoguidance', 'insitu', 'hybrid') + SELF_GUIDANCE
 
 
 # ---------------------------------------------------------------------------------------------------
 # Flag checks: everything is validated before any checkpoint is read.
 
 def method_settings(f) -> dict:
-    """The guidance method's settings from the flags: net, gnet, method, guidance, p, perturb,
-    strength, window, interval, interval_steps (or a UserError naming the flag)."""
+    """The guidance method's settings from the flags: net, gnet, method, guidance, strength, blocks,
+    window, interval, interval_steps (or a UserError naming the flag); checked by the registry."""
     s = {}
     if f.preset is not None:
         if f.preset not in PUBLISHED:
@@ -60,35 +59,20 @@ def method_settings(f) -> dict:
         if g is not None and not math.isfinite(g):
             raise UserError(f'must be a finite number, got {g}', where='--guidance' if f.w is None else '--w')
         if method == 'none' and g not in (None, 1.0):
-            raise UserError('--guidance/--w need a --method (cfg, autoguidance, insitu or hybrid)')
+            raise UserError('--guidance/--w need a --method')
         if method != 'none' and g is None:
             raise UserError(f'--method={method} needs --guidance (g) or --w')
         s.update(net=f.net, gnet=f.gnet, method=method, guidance=1.0 if g is None else g)
     method = s['method']
-    if method in ('autoguidance', 'hybrid') and s['gnet'] is None:
-        raise UserError(f'--method={method} needs --gnet (the guide network)')
-    if (method in ('none', 'insitu') or method in SELF_GUIDANCE) and s['gnet'] is not None:
-        raise UserError(f'--method={method} uses no --gnet')
-    uses_p = method in ('insitu', 'hybrid')
-    if f.p is not None and not uses_p:
-        raise UserError(f'--p is the dropout rate of insitu/hybrid guidance; --method={method} uses none')
-    if uses_p and f.p is None:
-        raise UserError(f'--method={method} needs --p (the guide dropout rate)')
-    if f.p is not None and not 0 < f.p < 1:
-        raise UserError(f'--p must lie in (0, 1), got {f.p}')
-    if f.perturb is not None and not (uses_p or method in ('pag', 'slg', 'seg', 'tpg')):
-        raise UserError(f'--perturb selects the perturbed blocks of insitu/hybrid/pag/slg/seg/tpg, '
-                        f'not --method={method}')
-    if f.strength is not None and method not in SELF_GUIDANCE[:5]:
-        raise UserError(f'--strength is for --method={"/".join(SELF_GUIDANCE[:5])}, not --method={method}')
     if f.strength is not None and not math.isfinite(f.strength):
         raise UserError(f'must be a finite number, got {f.strength}', where='--strength')
-    if method == 'sigma-shift' and f.strength is None:
-        raise UserError('--method=sigma-shift needs --strength (delta: the guide sees sigma*(1+delta))')
-    if f.window is not None and method != 'swg':
-        raise UserError(f'--window is for --method=swg, not --method={method}')
-    s.update(p=f.p, perturb=_parse_perturb(f.perturb), strength=f.strength,
-             window=_pair(f.window, int, 'window'))
+    window = _pair(f.window, int, 'window')
+    try:
+        methods.check_arguments(methods.get(method), strength=f.strength, guide=s['gnet'], blocks=f.blocks,
+                                window=window, guide_name='--gnet')
+    except ValueError as e:
+        raise UserError(str(e), where=f'--method={method}', fix='see --helpfull') from None
+    s.update(strength=f.strength, blocks=f.blocks, window=window)
     if f.interval is not None and f.interval_steps is not None:
         raise UserError('give --interval (sigma range) or --interval_steps, not both')
     if (f.interval is not None or f.interval_steps is not None) and method == 'none':
@@ -128,6 +112,7 @@ def resolve_settings(f) -> dict:
         path = s.get(name, f.vae if name == 'vae' else None)
         if path is not None:
             _check_checkpoint(path, name, f.preset)
+    _check_guidance(s)
     s.update(vae=f.vae, fusion=f.fusion, class_idx=_class(f['class'].value, s['net']), batch=f.batch,
              dtype=f.dtype, outdir=f.outdir, subdirs=f.subdirs, grid=f.grid, save_npz=f.save_npz,
              preset=f.preset)
@@ -147,6 +132,23 @@ def _check_checkpoint(path, name, preset):
                         fix=hint) from None
 
 
+def _check_guidance(s):
+    """The guidance term checked against the networks' configs (blocks, strength range, window,
+    guide shape and labels) before any weights are read."""
+    import types
+    from edm2_jax import checkpoint, denoiser, sampling
+
+    def stub(path):
+        return None if path is None else types.SimpleNamespace(
+            config=checkpoint.network_config(path, checkpoint.read_meta(path)))
+    try:
+        terms = sampling.guidance_terms(s['method'], s['guidance'], s['strength'], guide=stub(s['gnet']),
+                                        blocks=s['blocks'], window=s['window'])
+        denoiser.prepare_terms(stub(s['net']), terms, np.float32)
+    except (TypeError, ValueError) as e:
+        raise UserError(str(e), where=f"--method={s['method']}") from None
+
+
 def _class(class_idx, net):
     """--class checked against the network's label count in its config.json (no weights read)."""
     from edm2_jax import checkpoint
@@ -156,15 +158,6 @@ def _class(class_idx, net):
     if not 0 <= class_idx < label_dim:
         raise UserError(f'must lie in [0, {label_dim}) for {net}, got {class_idx}', where='--class')
     return class_idx
-
-
-def _parse_perturb(text):
-    if text is None or text in ('all', 'encoder', 'decoder'):
-        return text
-    names = tuple(n.strip() for n in text.split(',') if n.strip())
-    if not names:
-        raise UserError('empty block list', where='--perturb')
-    return names
 
 
 def _pair(values, kind, name):
@@ -189,19 +182,17 @@ def define_flags() -> None:
     flags.DEFINE_string('checkpoints', 'checkpoints', 'Directory holding converted presets, each in a '
                         'directory named like its NVIDIA pickle without .pkl.')
     flags.DEFINE_string('vae', None, 'Converted SD-VAE directory (python -m convert.vae), for latent models.')
-    flags.DEFINE_enum('method', None, METHODS, 'Guidance method (default none).')
+    flags.DEFINE_enum('method', None, methods.NAMES, 'Guidance method (default none):\n' + methods.help_text())
     flags.DEFINE_float('guidance', None, "Guidance strength in EDM2's convention g (1 = none); w = g - 1.")
     flags.DEFINE_float('w', None, 'Guidance weight w = g - 1 (alternative to --guidance).')
-    flags.DEFINE_float('p', None, 'Dropout rate of the in-situ guide (insitu, hybrid).')
-    flags.DEFINE_string('perturb', None, "Blocks with guide dropout: all | encoder | decoder | comma list "
-                        "of block names (e.g. dec.8x8_block0). insitu/hybrid only.")
-    flags.DEFINE_float('strength', None, 'Perturbation strength of pag/slg/tpg (1 = on), seg (blur sigma in '
-                       'pixels, default 10) and sigma-shift (delta: the guide sees sigma*(1+delta); required).')
+    flags.DEFINE_float('strength', None, "The method's own strength (insitu/hybrid: the dropout rate p; "
+                       'see --method for each method and its default).')
+    flags.DEFINE_string('blocks', None, methods.BLOCKS_HELP)
     flags.DEFINE_list('window', None, 'swg window "size,stride" in pixels (default: the library\'s).')
     flags.DEFINE_list('interval', None, 'Guide only for sigma in (lo, hi]: "lo,hi".')
     flags.DEFINE_list('interval_steps', None, 'Guide only at steps start <= i <= stop: "start,stop".')
-    flags.DEFINE_enum('fusion', 'prefix', ['prefix', 'fused', 'unfused'], 'How passes of the main '
-                      'network and its in-situ guide run (see guidance.py).')
+    flags.DEFINE_enum('fusion', 'prefix', ['prefix', 'fused', 'unfused'], 'How the passes of the main '
+                      'network and the guides that share its parameters run (edm2_jax.denoiser).')
     flags.DEFINE_integer('num_steps', 32, 'Sampler steps (2N - 1 evaluations per network).')
     flags.DEFINE_float('sigma_min', 0.002, 'Lowest noise level.')
     flags.DEFINE_float('sigma_max', 80.0, 'Highest noise level.')

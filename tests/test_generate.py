@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edm2_jax import generation, io
+from edm2_jax import checkpoint, generation, io
+from edm2_jax.config import EDM2Config
 from edm2_jax.errors import UserError
 from test_parallel import write_tiny_checkpoint
 
@@ -31,21 +32,23 @@ def _env(**extra):
 
 @pytest.mark.parametrize('args, message', [
     (['--preset=edm2-img512-nope'], 'unknown --preset'),
-    (['--net=NET', '--method=autoguidance', '--guidance=2'], 'needs --gnet'),
-    (['--net=NET', '--method=cfg', '--guidance=1.5', '--p=0.1'], '--p is the dropout rate'),
-    (['--net=NET', '--method=insitu', '--guidance=2'], 'needs --p'),
+    (['--net=NET', '--method=autoguidance', '--guidance=2'], 'needs a --gnet network'),
+    (['--net=NET', '--method=cfg', '--guidance=1.5', '--strength=0.1'], "method 'cfg' has no strength"),
+    (['--net=NET', '--method=insitu', '--guidance=2'], 'needs its strength: dropout rate p'),
+    (['--net=NET', '--method=insitu', '--guidance=2', '--strength=1.5'], 'dropout needs a rate p in [0, 1)'),
+    (['--net=NET', '--method=insitu', '--guidance=2', '--strength=0.1', '--blocks=dec.99x99'], 'unknown blocks'),
     (['--net=NET', '--seeds=0-9,x'], 'malformed entry'),
     (['--net=NET', '--seeds=5-2'], 'empty range'),
     (['--net=NET', '--guidance=2'], 'need a --method'),
-    (['--net=NET', '--method=insitu', '--guidance=2', '--w=1', '--p=0.1'], 'not both'),
-    (['--net=NET', '--method=autoguidance', '--guidance=2', '--gnet=NET', '--perturb=decoder'], '--perturb'),
+    (['--net=NET', '--method=insitu', '--guidance=2', '--w=1', '--strength=0.1'], 'not both'),
+    (['--net=NET', '--method=autoguidance', '--guidance=2', '--gnet=NET', '--blocks=decoder'], 'takes no block selection'),
     (['--preset=edm2-img512-s-autog-fid', '--checkpoints=CKPTS'],
      'python -m convert.edm2 --src=edm2-img512-s-2147483-0.070.pkl'),
     (['--preset=edm2-img512-xs-fid', '--net=NET'], 'do not also give --net'),
     (['--net=/nonexistent'], 'not a converted checkpoint'),
-    (['--net=NET', '--method=sigma-shift', '--guidance=2'], 'needs --strength'),
-    (['--net=NET', '--method=pag', '--guidance=2', '--window=4,2'], '--window is for --method=swg'),
-    (['--net=NET', '--method=pag', '--guidance=2', '--gnet=NET'], 'uses no --gnet'),
+    (['--net=NET', '--method=sigma-shift', '--guidance=2'], 'needs its strength'),
+    (['--net=NET', '--method=pag', '--guidance=2', '--window=4,2'], "method 'pag' takes no window"),
+    (['--net=NET', '--method=pag', '--guidance=2', '--gnet=NET'], 'give no --gnet'),
     (['--net=NET', '--seeds=99999999999999999999'], '--seeds: seed 99999999999999999999 in'),
     (['--net=NET', '--seeds=0-9,5'], 'lists seed 5 twice'),
     (['--net=NET', '--seeds=0-99999999'], 'more than 10,000,000'),
@@ -59,7 +62,10 @@ def _env(**extra):
 def test_bad_flags_fail_fast(tmp_path, args, message):
     net = tmp_path / 'net'  # the flag checks look only at config.json: nothing is loaded
     (net / 'variables').mkdir(parents=True)
-    (net / 'config.json').write_text('{}')
+    config = EDM2Config(img_resolution=8, img_channels=3, label_dim=0, model_channels=16, channel_mult=(1, 2),
+                        num_blocks=1, attn_resolutions=(4,))
+    (net / 'config.json').write_text(json.dumps({'format': checkpoint.FORMAT, 'config': config.to_dict(),
+                                                 'decoder': {'type': 'rgb'}}))
     args = [a.replace('NET', str(net)).replace('CKPTS', str(tmp_path)) for a in args]
     r = subprocess.run(_cmd(*args, f'--outdir={tmp_path / "out"}'), cwd=ROOT, env=_env(),
                        capture_output=True, text=True, timeout=60)
@@ -94,8 +100,8 @@ def test_unusable_outdir_fails_before_loading(tmp_path):
 
 
 def _settings(outdir, net, **changes):
-    s = dict(net=str(net), gnet=None, vae=None, method='insitu', guidance=2.0, p=0.25, perturb=None,
-             strength=None, window=None, interval=None, interval_steps=(0, 2), fusion='prefix', num_steps=3,
+    s = dict(net=str(net), gnet=None, vae=None, method='insitu', guidance=2.0, strength=0.25, blocks=None,
+             window=None, interval=None, interval_steps=(0, 2), fusion='prefix', num_steps=3,
              sigma_min=0.002, sigma_max=80.0, rho=7.0, S_churn=0.0, S_min=0.0, S_max=float('inf'),
              S_noise=1.0, class_idx=None, dtype='float32', subdirs=False, save_npz=False, outdir=str(outdir))
     return {**s, **changes}
@@ -142,7 +148,7 @@ def test_failed_write_leaves_no_temporary(tmp_path, monkeypatch):
     np.testing.assert_array_equal(np.load(tmp_path / '000007.npz')['x'], x)
 
 
-RUN = ['--method=insitu', '--guidance=2', '--p=0.25', '--seeds=3-40', '--batch=1', '--num_steps=3',
+RUN = ['--method=insitu', '--guidance=2', '--strength=0.25', '--seeds=3-40', '--batch=1', '--num_steps=3',
        '--save_npz', '--subdirs', '--noprogress', '--grid=4']
 SEEDS = range(3, 41)
 

@@ -68,7 +68,7 @@ def _generate(outdir, devices, extra=()):
     env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices), JAX_PLATFORMS='cpu')
     env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0').strip()
     cmd = [sys.executable, '-m', 'experiments.generate', f'--net={outdir.parent / "net"}', '--method=insitu',
-           '--guidance=2.5', '--p=0.2', '--perturb=decoder', f'--seeds={SEEDS}', '--batch=2', '--num_steps=4',
+           '--guidance=2.5', '--strength=0.2', '--blocks=decoder', f'--seeds={SEEDS}', '--batch=2', '--num_steps=4',
            '--save_npz', '--noprogress', f'--outdir={outdir}', *extra]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -63,7 +63,7 @@ def test_branch_structure_facts():
 
 def test_exact_sample_log_density_facts():
     a, b = M.mixture('A'), M.mixture('B')
-    x = M.sample(a, jax.random.key(0), 1 << 16)
+    x = M.draw(a, jax.random.key(0), 1 << 16)
     lp = np.asarray(jax.jit(M.log_prob)(a, x))
     assert abs(lp.mean() - 1.352) < 0.03
     q = np.quantile(lp, [0.01, 0.05, 0.5, 0.95])
