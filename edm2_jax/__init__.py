@@ -1,5 +1,6 @@
 """edm2-jax: EDM2 diffusion models in JAX/Flax, guided by degraded copies of themselves."""
-from edm2_jax import guidance, methods, perturb, rules
+from edm2_jax import backend  # first: XLA flags are read when JAX starts its backend
+from edm2_jax import guidance, methods, perturb, rules  # noqa: E402
 from edm2_jax.config import PRESETS, EDM2Config, block_specs, get_preset
 from edm2_jax.guidance import Interval, Schedule, Term
 from edm2_jax.network import Network

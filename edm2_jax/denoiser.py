@@ -199,6 +199,8 @@ def edm2_denoiser(net, class_labels, terms: Sequence[G.Term], *, interval: G.Int
 
     Per-term intervals skip real work: a pass of its own runs only while its term is active
     (`lax.cond`), and the fused pass is specialised to the active terms (`Passes.fused_active`).
+    Where no term contributes (w = 0, or a self-guide of strength 0, e.g. p = 0), only the main
+    pass runs: the unguided result bit for bit (`guidance.guided`).
     """
     if fusion not in FUSIONS:
         raise ValueError(f'fusion must be one of {FUSIONS}, got {fusion!r}')
@@ -206,4 +208,14 @@ def edm2_denoiser(net, class_labels, terms: Sequence[G.Term], *, interval: G.Int
     if not passes.terms:
         return passes.main
     return G.guided(passes.main, passes.evaluate_all, [t.weight for t in passes.terms], interval,
-                    intervals=[t.interval for t in passes.terms], rules=[t.rule for t in passes.terms])
+                    intervals=[t.interval for t in passes.terms], rules=[t.rule for t in passes.terms],
+                    effective=[_effective(t) for t in passes.terms])
+
+
+def _effective(t):
+    """σ → whether the term's guide differs from the main network: a guide on the main network's own
+    parameters under perturbations of strength 0 is the main network (None: always differs)."""
+    if not t.shared or t.null_label or not t.perturbations or _windowed(t):
+        return None
+    return lambda sigma: functools.reduce(jnp.logical_or, [jnp.any(p.strength != 0)
+                                                           for p in _strengths_at(t, sigma)])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edm2_jax import io
+from edm2_jax import backend, io
 from edm2_jax.errors import UserError
 from edm2_jax.seeds import format_seeds
 
@@ -278,10 +278,8 @@ def generate(s: dict, *, multihost_kwargs: dict | None = None, progress: bool = 
         'sampling_time_s': round(sample_time, 3),
         'images_per_s': round(generated / sample_time, 4) if sample_time else None,
         'devices': layout.num_devices,
-        'device_kind': jax.devices()[0].device_kind,
-        'platform': jax.devices()[0].platform,
         'hosts': jax.process_count(),
-        'jax_version': jax.__version__,
+        'backend': backend.describe(),
     }
     if lead:
         if s['grid'] and not s['latents_only']:

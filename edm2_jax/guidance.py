@@ -16,6 +16,7 @@ All numbers (w, p, interval bounds, schedule values) are pytree leaves, so they 
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -144,21 +145,25 @@ def _is_concrete(*xs):
 
 def guided(main: Denoiser, evaluate_all: Callable, weights: Sequence[Any],
            interval: Interval | None = None, *, intervals: Sequence[Any] | None = None,
-           rules: Sequence[Any] | None = None) -> Denoiser:
+           rules: Sequence[Any] | None = None, effective: Sequence[Any] | None = None) -> Denoiser:
     """D = D_main + Σ_i w_i(σ)·rule_i(D_main − D_i), with the guides evaluated only inside `interval`.
 
-    main(x, σ, step, keys) → D_main is what runs outside the interval; evaluate_all(x, σ, step, keys,
-    active) → (D_main, [D_1, …]) runs inside it (it may fuse the passes). active: one entry per term,
-    None (the term has no interval of its own) or a traced bool; evaluate_all should skip the work of
-    inactive terms (`separately` and `denoiser.edm2_denoiser` do) — their D_i is ignored. weights: numbers,
-    arrays or Schedules. intervals: per term, None or an `Interval` outside which that term
-    contributes nothing. rules: per term, None (linear) or a rule of `edm2_jax.rules`; with any APG the denoiser is
+    main(x, σ, step, keys) → D_main is what runs where no term contributes; evaluate_all(x, σ, step,
+    keys, active) → (D_main, [D_1, …]) runs elsewhere (it may fuse the passes). active: one entry per
+    term, None (the term has no interval of its own) or a traced bool; evaluate_all should skip the
+    work of inactive terms (`separately` and `denoiser.edm2_denoiser` do) — their D_i is ignored.
+    weights: numbers, arrays or Schedules. intervals: per term, None or an `Interval` outside which
+    that term contributes nothing. effective: per term, None or σ → bool, False where the term's
+    guide is the main network itself (e.g. a dropout rate of 0). Where every term has weight 0 or is
+    not effective, only `main` runs (`lax.cond`): the result is the unguided one, bit for bit.
+    rules: per term, None (linear) or a rule of `edm2_jax.rules`; with any rule the denoiser is
     stateful: it carries `init_state(x)` and is called as denoise(x, σ, step, keys, state) →
     (D, state) (`heun_loop` does this).
     """
     k = len(weights)
     intervals = tuple(intervals or (None,) * k)
     rules = tuple(rules or (None,) * k)
+    effective = tuple(effective or (None,) * k)
     stateful = any(r is not None for r in rules)
 
     def combined(x, sigma, step, keys, state=None):
@@ -178,18 +183,21 @@ def guided(main: Denoiser, evaluate_all: Callable, weights: Sequence[Any],
             new_state.append(running if rules[i] is not None else state[i] if stateful else None)
         return (out, tuple(new_state)) if stateful else out
 
-    if not stateful:
-        if interval is None:
-            return combined
+    def contributes(sigma, step):
+        """Whether any term adds something at this evaluation (traced)."""
+        live = [jnp.any(value_at(w, sigma, jnp.float32) != 0) if e is None else
+                jnp.any(value_at(w, sigma, jnp.float32) != 0) & e(sigma) for w, e in zip(weights, effective)]
+        on = functools.reduce(jnp.logical_or, live)
+        return on if interval is None else on & interval(sigma, step)
 
-        def denoise(x, sigma, step, keys):
-            return jax.lax.cond(interval(sigma, step), combined, main, x, sigma, step, keys)
+    def denoise(x, sigma, step, keys):
+        return jax.lax.cond(contributes(sigma, step), combined, main, x, sigma, step, keys)
+
+    if not stateful:
         return denoise
 
     def denoise_with_state(x, sigma, step, keys, state):
-        if interval is None:
-            return combined(x, sigma, step, keys, state)
-        return jax.lax.cond(interval(sigma, step), combined, lambda *a: (main(*a[:4]), a[4]),
+        return jax.lax.cond(contributes(sigma, step), combined, lambda *a: (main(*a[:4]), a[4]),
                             x, sigma, step, keys, state)
 
     def init_state(x):

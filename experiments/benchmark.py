@@ -47,7 +47,7 @@ import numpy as np
 from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from edm2_jax import EDM2Config, Network, get_preset, guidance as G, io, methods, network_inputs, sample
+from edm2_jax import EDM2Config, Network, backend, get_preset, guidance as G, io, methods, network_inputs, sample
 from edm2_jax.denoiser import edm2_denoiser, prepare_terms
 from edm2_jax.sampling import guidance_terms
 
@@ -198,8 +198,7 @@ def machine() -> dict:
     dev = jax.devices()
     return {'host': platform.node(), 'platform': platform.platform(), 'processor': platform.processor(),
             'cpu_count': os.cpu_count(), 'load_avg_1m_at_start': round(os.getloadavg()[0], 2),
-            'backend': jax.default_backend(), 'devices': [d.device_kind for d in dev],
-            'jax': jax.__version__}
+            'devices': [d.device_kind for d in dev], **backend.describe()}
 
 
 def random_network(config, seed, dtype) -> Network:

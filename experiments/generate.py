@@ -66,7 +66,7 @@ def method_settings(f) -> dict:
     method = s['method']
     if f.strength is not None and not math.isfinite(f.strength):
         raise UserError(f'must be a finite number, got {f.strength}', where='--strength')
-    window = _pair(f.window, int, 'window')
+    window = _pair(f.window, int, 'window', ordered=False)
     try:
         methods.check_arguments(methods.get(method), strength=f.strength, guide=s['gnet'], blocks=f.blocks,
                                 window=window, guide_name='--gnet')
@@ -160,14 +160,14 @@ def _class(class_idx, net):
     return class_idx
 
 
-def _pair(values, kind, name):
+def _pair(values, kind, name, ordered=True):
     if values is None:
         return None
     try:
         lo, hi = (kind(v) for v in values)
     except ValueError:
         raise UserError(f'expected two numbers "a,b", got {",".join(values)!r}', where=f'--{name}') from None
-    if not lo <= hi:
+    if ordered and not lo <= hi:
         raise UserError(f'need a <= b, got {lo}, {hi}', where=f'--{name}')
     return lo, hi
 

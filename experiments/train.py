@@ -31,7 +31,6 @@ from absl import app, flags, logging
 from edm2_jax.errors import UserError, cli_main
 from edm2_jax.io import save_figure, write_json, write_text
 from edm2_jax.train_presets import EXPORT_SIGMA_RELS, PRESET_DATA, TRAIN_PRESETS
-from experiments.cpu_convolutions import use_eigen_convolutions
 
 FLAGS = flags.FLAGS
 RUN_FORMAT = 'edm2-jax-train-run'
@@ -59,8 +58,6 @@ def define_flags() -> None:
     flags.DEFINE_enum('stop_kind', 'kill', ['kill', 'save'], "With --stop_after_steps: 'kill' exits without "
                       "saving anything (as a killed process), 'save' writes a training state first.")
     flags.DEFINE_bool('progress', True, 'Show a progress bar.')
-    flags.DEFINE_bool('cpu_conv_via_eigen', True, 'On XLA:CPU (jaxlib 0.10), run convolutions through '
-                      'Eigen instead of YNNPACK (~2× faster training steps; experiments/cpu_convolutions.py).')
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -337,8 +334,6 @@ def main(argv):
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     logging.set_verbosity(logging.WARNING)  # orbax logs every file of every save at INFO
     s = resolve_settings(FLAGS)
-    if FLAGS.cpu_conv_via_eigen:
-        use_eigen_convolutions()
     import jax
     if s['devices'] and s['devices'] > 1:
         jax.config.update('jax_num_cpu_devices', s['devices'])  # CPU only; accelerators ignore it

@@ -185,12 +185,18 @@ def test_insitu_fused_unfused_and_prefix_agree(insitu_runs):
 
 
 def test_insitu_with_zero_weight_or_rate_is_unguided(nets, batch, insitu_runs):
+    """w = 0 or p = 0 (the first point of every sweep): the guide pass is skipped (lax.cond on the
+    traced numbers), so every fusion mode gives the unguided samples bit for bit, with one main
+    pass per evaluation; the same compiled program guides at w, p ≠ 0."""
     unguided = insitu_runs['none'][0]
-    for w, p in [(0.0, 0.2), (1.0, 0.0)]:
-        # unfused: the main pass is the unguided computation, and w·0 or rate-0 dropout are exact
-        np.testing.assert_array_equal(np.asarray(insitu(nets[0], batch, 'unfused', w=w, p=p)), unguided)
-        # fused: the main half of a 2N batch differs from an N batch by float32 rounding only
-        assert_close(insitu(nets[0], batch, 'prefix', w=w, p=p), unguided)
+    for fusion in D.FUSIONS:
+        for w, p in [(0.0, 0.2), (1.0, 0.0)]:
+            out, calls = run_recorded(lambda: insitu(nets[0], batch, fusion, w=w, p=p))
+            np.testing.assert_array_equal(out, unguided)
+            assert [(c[0], c[2]) for c in calls] == [('net', 8)] * (2 * STEPS - 1)
+        traces = len(TRACES)
+        assert np.abs(insitu(nets[0], batch, fusion, w=1.0, p=0.2) - unguided).max() > 0.1
+        assert len(TRACES) == traces  # no new trace for non-zero numbers
 
 
 def test_a_seed_gives_the_same_image_at_batch_sizes_1_3_8(nets, batch, insitu_runs):
