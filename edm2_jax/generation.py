@@ -24,7 +24,7 @@ RUN_FILE = 'run.json'
 SUMMARY_FILE = 'summary.json'
 CHECKPOINTS = ('net', 'gnet', 'vae')
 # The settings that decide a seed's files; the others (seeds, batch, grid, …) may change on a resume.
-IMAGE_SETTINGS = ('method', 'guidance', 'p', 'perturb', 'strength', 'window', 'interval', 'interval_steps',
+IMAGE_SETTINGS = ('method', 'guidance', 'strength', 'blocks', 'window', 'interval', 'interval_steps',
                   'fusion', 'num_steps', 'sigma_min', 'sigma_max', 'rho', 'S_churn', 'S_min', 'S_max',
                   'S_noise', 'class_idx', 'dtype', 'subdirs', 'save_npz')
 

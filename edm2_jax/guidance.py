@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from edm2_jax import rules as rules_lib
+
 Denoiser = Callable[..., jax.Array]
 
 
@@ -171,10 +173,11 @@ def guided(main: Denoiser, evaluate_all: Callable, weights: Sequence[Any],
         d_main, d_guides = evaluate_all(x, sigma, step, keys, active)
         out, new_state = d_main, []
         for i, (w, d) in enumerate(zip(weights, d_guides, strict=True)):
-            delta = d_main - d
-            if rules[i] is not None:
-                delta, running = rules[i](delta, d_main, state[i])
-            term = value_at(w, sigma, d_main.dtype) * delta
+            w = value_at(w, sigma, d_main.dtype)
+            if rules[i] is None:
+                term = w * (d_main - d)
+            else:
+                term, running = rules[i](w, d_main, d, rules_lib.At(x, sigma, step), state[i])
             if active[i] is not None:
                 term = jnp.where(active[i], term, jnp.zeros_like(term))
                 if rules[i] is not None:

@@ -1,15 +1,29 @@
-"""Guidance rules: how one term's update Δ = D_main − D_guide becomes what the term adds.
+"""Guidance rules: what one term adds, from its weight w and the two predictions.
 
-The linear rule (None) adds w·Δ. A rule is a pytree (its numbers are traced, so sweeps do not
-recompile) called as `rule(delta, d_main, state) -> (delta', state)`; its state is carried across
-the sampler's evaluations in order (both Heun evaluations of a step count) and starts at zeros like x.
+The linear rule (None) adds w·(D_main − D_guide). A rule is a pytree (its numbers are traced, so
+sweeps do not recompile) called as `rule(w, d_main, d_guide, at, state) -> (term, state)`, with `at`
+the evaluation (`At`: x, σ, step index); its state is carried across the sampler's evaluations in
+order (both Heun evaluations of a step count) and starts at zeros like x. Every rule works with every
+guide of the family: it sees only the two predictions.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.struct
+import jax
 import jax.numpy as jnp
+
+
+class At(NamedTuple):
+    """The evaluation a rule acts at."""
+    x: jax.Array       # the sampler state the denoiser is evaluated at
+    sigma: jax.Array   # its noise level (0-d)
+    step: jax.Array    # the sampler step index (int)
+
+
+def _axes(a):
+    return tuple(range(1, a.ndim))
 
 
 @flax.struct.dataclass
@@ -26,8 +40,9 @@ class APG:
     threshold: Any = 0.0
     momentum: Any = 0.0
 
-    def __call__(self, delta, d_main, running):
-        axes = tuple(range(1, delta.ndim))
+    def __call__(self, w, d_main, d_guide, at, running):
+        delta = d_main - d_guide
+        axes = _axes(delta)
         dt = delta.dtype
         running = delta + jnp.asarray(self.momentum, dt) * running
         delta = running
@@ -38,7 +53,7 @@ class APG:
         unit = d_main / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(d_main), axis=axes, keepdims=True)),
                                     jnp.finfo(dt).tiny)
         parallel = jnp.sum(delta * unit, axis=axes, keepdims=True) * unit
-        return (delta - parallel) + jnp.asarray(self.eta, dt) * parallel, running
+        return w * ((delta - parallel) + jnp.asarray(self.eta, dt) * parallel), running
 
 
 RULES = (APG,)  # the rule types a Term accepts (None is the linear rule)

@@ -137,6 +137,8 @@ def _check_guidance(s):
     guide shape and labels) before any weights are read."""
     import types
     from edm2_jax import checkpoint, denoiser, sampling
+    if s['method'] == 'none':
+        return
 
     def stub(path):
         return None if path is None else types.SimpleNamespace(

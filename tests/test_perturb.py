@@ -281,12 +281,13 @@ def test_apg_rule():
     rng = np.random.default_rng(1)
     deltas, mains = rng.standard_normal((3, 4, 5, 2)), rng.standard_normal((3, 4, 5, 2))
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
-    linear, _ = R.APG(1.0, 0.0, 0.0)(f32(deltas[0]), f32(mains[0]), jnp.zeros((4, 5, 2)))
-    np.testing.assert_allclose(np.asarray(linear), deltas[0], rtol=0, atol=1e-6)  # η = 1, no r, no β: linear
+    at = R.At(jnp.zeros((4, 5, 2)), jnp.float32(1.0), jnp.int32(0))  # APG looks at neither
+    linear, _ = R.APG(1.0, 0.0, 0.0)(2.0, f32(mains[0]), f32(mains[0] - deltas[0]), at, jnp.zeros((4, 5, 2)))
+    np.testing.assert_allclose(np.asarray(linear), 2 * deltas[0], rtol=0, atol=1e-5)  # η = 1, no r, no β: linear
     for eta, r, beta in [(0.0, 2.0, -0.5), (0.5, 0.0, 0.3)]:
         rule, state, got = R.APG(eta, r, beta), jnp.zeros((4, 5, 2)), []
         for d, m in zip(deltas, mains):
-            out, state = rule(f32(d), f32(m), state)
+            out, state = rule(1.0, f32(m), f32(m - d), at, state)
             got.append(np.asarray(out))
         np.testing.assert_allclose(got, np_apg(deltas, mains, eta, r, beta), rtol=1e-5, atol=1e-5)
 
