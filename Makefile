@@ -1,9 +1,9 @@
-# One command sets up the environment (if missing) and runs the demo; one runs the tests.
+# `make demo` sets up the package alone (JAX, Flax, Optax, Orbax: no torch) and runs the 2-D toy;
+# `make test` adds torch and the reference libraries the tests compare against.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Both wheels lie on this machine's disk (a CUDA build that runs on the CPU too); torchvision is
-# needed by pytorch-fid, the reference the Inception test compares against. Any other torch spec
-# downloads a multi-GB build.
+# The torch pair the reference tests use (torchvision for pytorch-fid's Inception). This pinned pair
+# installs from a local wheel cache on the project's CI machine; elsewhere pip downloads it.
 TORCH := torch==2.14.1 torchvision==0.29.1
 FMNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -11,15 +11,21 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CACHE ?= .cache
 FMNIST_PRESETS := fmnist-main fmnist-main-drop fmnist-guide fmnist-uncond
 
-.PHONY: setup data demo test train evaluator study clean
+.PHONY: setup setup-test data demo test test-fast train evaluator study clean
 
-setup: $(VENV)/.installed data
+setup: $(VENV)/.installed
 
-# dinov2: the torch-hub DINOv2 code, reference of the hub-layout converter test (--no-deps: its own
-# requirements pin another torch).
+setup-test: $(VENV)/.installed-test data
+
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+# dinov2: the torch-hub DINOv2 code, reference of the hub-layout converter test (--no-deps: its own
+# requirements pin another torch).
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q $(TORCH) -e '.[test,convert]'
 	$(PY) -m pip install -q --no-deps dinov2
 	touch $@
@@ -34,18 +40,22 @@ $(FMNIST)/train-images-idx3-ubyte.gz:
 demo: setup
 	$(PY) -m experiments.toy2d
 
-test: setup
+test: setup-test
 	$(PY) -m pytest -q --durations=15 tests
+
+# The fast loop: everything but the subprocess and end-to-end tests.
+test-fast: setup-test
+	$(PY) -m pytest -q -m "not slow" tests
 
 # The four Fashion-MNIST networks of the guidance study; a run with a done.json is skipped, an
 # interrupted one resumes.
-train: setup $(FMNIST_PRESETS:%=$(CACHE)/fmnist/%/done.json)
+train: setup data $(FMNIST_PRESETS:%=$(CACHE)/fmnist/%/done.json)
 
 $(CACHE)/fmnist/%/done.json:
 	$(PY) -m experiments.train --preset=$* --run_dir=$(CACHE)/fmnist/$*
 
 # The Fashion-MNIST classifier, reference statistics and sanity rows (skipped once evaluator.json exists).
-evaluator: setup $(CACHE)/fmnist/evaluator/evaluator.json
+evaluator: setup data $(CACHE)/fmnist/evaluator/evaluator.json
 
 $(CACHE)/fmnist/evaluator/evaluator.json:
 	$(PY) -m experiments.fmnist_evaluator --cache=$(CACHE)/fmnist/evaluator

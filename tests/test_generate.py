@@ -30,6 +30,17 @@ def _env(**extra):
     return env
 
 
+def config_only_checkpoint(net):
+    """A checkpoint directory with a valid config.json and no weights: the flag checks read the
+    config; loading the weights would fail."""
+    (net / 'variables').mkdir(parents=True)
+    config = EDM2Config(img_resolution=8, img_channels=3, label_dim=0, model_channels=16, channel_mult=(1, 2),
+                        num_blocks=1, attn_resolutions=(4,))
+    (net / 'config.json').write_text(json.dumps({'format': checkpoint.FORMAT, 'config': config.to_dict(),
+                                                 'decoder': {'type': 'rgb'}}))
+    return net
+
+
 @pytest.mark.parametrize('args, message', [
     (['--preset=edm2-img512-nope'], 'unknown --preset'),
     (['--net=NET', '--method=autoguidance', '--guidance=2'], 'needs a --gnet network'),
@@ -60,12 +71,7 @@ def _env(**extra):
     (['--net=NET', '--class=3'], '--class: must lie in [0, 0)'),
 ])
 def test_bad_flags_fail_fast(tmp_path, args, message):
-    net = tmp_path / 'net'  # the flag checks look only at config.json: nothing is loaded
-    (net / 'variables').mkdir(parents=True)
-    config = EDM2Config(img_resolution=8, img_channels=3, label_dim=0, model_channels=16, channel_mult=(1, 2),
-                        num_blocks=1, attn_resolutions=(4,))
-    (net / 'config.json').write_text(json.dumps({'format': checkpoint.FORMAT, 'config': config.to_dict(),
-                                                 'decoder': {'type': 'rgb'}}))
+    net = config_only_checkpoint(tmp_path / 'net')  # the flag checks look only at config.json
     args = [a.replace('NET', str(net)).replace('CKPTS', str(tmp_path)) for a in args]
     r = subprocess.run(_cmd(*args, f'--outdir={tmp_path / "out"}'), cwd=ROOT, env=_env(),
                        capture_output=True, text=True, timeout=60)
@@ -77,9 +83,7 @@ def test_bad_flags_fail_fast(tmp_path, args, message):
 def test_unusable_outdir_fails_before_loading(tmp_path):
     """A file as --outdir, a folder inside a file, a read-only folder: one line, exit 2, and the
     (unloadable) checkpoint never read; a negative guidance weight only warns."""
-    net = tmp_path / 'net'
-    (net / 'variables').mkdir(parents=True)
-    (net / 'config.json').write_text('{}')  # loading it would fail with another message
+    net = config_only_checkpoint(tmp_path / 'net')  # loading it would fail with another message
     (tmp_path / 'file').write_text('x')
     read_only = tmp_path / 'ro'
     read_only.mkdir()
