@@ -1,4 +1,4 @@
-"""The guidance study harness (experiments/study.py, issue 13) on tiny random networks, scored by
+"""The guidance study (edm2_jax.study, experiments/study.py) on tiny random networks, scored by
 the real Fashion-MNIST evaluator trained for a few steps: tuning/report protocol, result files,
 resume, outputs. Expected values are computed here independently (numpy argmin / std, closed-form
 NFE); the evaluator itself is tested in its own file.
@@ -45,19 +45,21 @@ def scorer(tmp_path_factory):
 
 
 def protocol():
-    from experiments import study
-    return study.Protocol(num_steps=STEPS, tune_n=TUNE_N, report_n=REPORT_N, report_sets=SETS, batch=10,
-                          grid_n=20, quick=True)
+    from edm2_jax.study.protocol import Protocol
+    return Protocol(num_steps=STEPS, tune_n=TUNE_N, report_n=REPORT_N, report_sets=SETS, batch=10,
+                    grid_n=20, quick=True)
 
 
 def run(nets, score, out, log=lambda s: None):
     from edm2_jax import checkpoint
-    from experiments import study, study_methods as SM
+    from edm2_jax.study import grids as SM
+    from edm2_jax.study.runner import run_study
+    from experiments import study
     guide = checkpoint.load(nets / 'guide')
-    return study.run_study({'main': checkpoint.load(nets / 'main')},
-                           lambda net: SM.Context(net.config, guide), score, out, protocol(),
-                           only=METHODS, reference=study.train_split_sets(protocol()),
-                           evaluator=getattr(score, 'info', None), log=log)
+    return run_study({'main': checkpoint.load(nets / 'main')},
+                     lambda net: SM.Context(net.config, guide), score, out, protocol(),
+                     only=METHODS, reference=study.train_split_sets(protocol()),
+                     evaluator=getattr(score, 'info', None), log=log)
 
 
 @pytest.fixture(scope='module')
@@ -151,16 +153,16 @@ def test_seed_sets_and_files(study_run):
 
 
 def test_grid_edges():
-    from experiments import study
+    from edm2_jax.study import report
 
     def entry(tuned, grid):
         return {str(s): dict(setting=s, tuned=s == tuned) for s in grid}
     grid = [dict(w=w, p=p) for w in (0.5, 1.0, 2.0) for p in (0.1, 0.2)]
-    assert study.grid_edges(entry(dict(w=2.0, p=0.2), grid)) == ['w↑', 'p↑']
-    assert study.grid_edges(entry(dict(w=1.0, p=0.1), grid)) == ['p↓']
-    assert study.grid_edges(entry(dict(w=0.5, p=0.1), grid)) == ['w↓', 'p↓']
-    assert study.grid_edges(entry({}, [{}])) == []                           # 'none': no axes
-    assert study.grid_edges(entry(grid[0], grid[:5])) == []                  # not a product grid
+    assert report.grid_edges(entry(dict(w=2.0, p=0.2), grid)) == ['w↑', 'p↑']
+    assert report.grid_edges(entry(dict(w=1.0, p=0.1), grid)) == ['p↓']
+    assert report.grid_edges(entry(dict(w=0.5, p=0.1), grid)) == ['w↓', 'p↓']
+    assert report.grid_edges(entry({}, [{}])) == []                           # 'none': no axes
+    assert report.grid_edges(entry(grid[0], grid[:5])) == []                  # not a product grid
 
 
 def test_nfe_closed_form(study_run):
@@ -172,14 +174,14 @@ def test_nfe_closed_form(study_run):
 
 
 def test_rerun_skips_everything(study_run, nets, monkeypatch):
-    from experiments import study
+    from edm2_jax.study import runner
     out, res = study_run
     files = sorted((out / 'runs').rglob('*.json'))
     stamps = {f: f.stat().st_mtime_ns for f in files}
 
     def fail(*args, **kwargs):
         raise AssertionError('a finished result was recomputed')
-    monkeypatch.setattr(study, 'sample_images', fail)
+    monkeypatch.setattr(runner, 'sample_images', fail)
     again = run(nets, fail, out)
     assert again['meta']['results_computed_this_run'] == 0
     assert {f: f.stat().st_mtime_ns for f in sorted((out / 'runs').rglob('*.json'))} == stamps
@@ -202,7 +204,7 @@ def test_every_quick_method_is_accepted_by_the_sampler():
     import jax
     from edm2_jax import Network, sampling
     from edm2_jax.config import EDM2Config
-    from experiments import study_methods as SM
+    from edm2_jax.study import grids as SM
     cfg = EDM2Config(**CONFIG)
 
     def abstract(config):
@@ -237,6 +239,8 @@ def test_every_quick_method_is_accepted_by_the_sampler():
 
 
 def test_network_resolution_and_bad_input(tmp_path):
+    from edm2_jax.study.protocol import check_protocol
+    from edm2_jax.study.runner import tuned_index
     from experiments import study
     for preset in ('fmnist-main', 'fmnist-main-drop', 'fmnist-guide'):
         for std in ('0.050', '0.100'):
@@ -253,8 +257,8 @@ def test_network_resolution_and_bad_input(tmp_path):
     with pytest.raises(ValueError, match='not a network checkpoint'):
         study.resolve_networks(types.SimpleNamespace(**{**vars(flags), 'main': [f'x:{tmp_path}']}))
     with pytest.raises(ValueError, match='grid_n'):
-        study.check_protocol(protocol()._replace(grid_n=15))
-    assert study.tuned_index([{'metrics': {'fd_fmnist': float('nan')}}, {'metrics': {'fd_fmnist': 3.0}}]) == 1
+        check_protocol(protocol()._replace(grid_n=15))
+    assert tuned_index([{'metrics': {'fd_fmnist': float('nan')}}, {'metrics': {'fd_fmnist': 3.0}}]) == 1
     cli = subprocess.run([sys.executable, '-m', 'experiments.study', f'--main=a:{tmp_path}/nope', '--out=o',
                           f'--evaluator_cache={tmp_path}'], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1])
@@ -265,10 +269,11 @@ def test_plan_counts_images_and_evaluations():
     """--dry_run's plan: images and network evaluations from the grids, in closed form."""
     from edm2_jax import Network
     from edm2_jax.config import EDM2Config
-    from experiments import study, study_methods as SM
+    from edm2_jax.study import grids as SM
+    from edm2_jax.study.runner import plan
     p = protocol()
     net = Network(EDM2Config(**CONFIG), {})
-    rows = study.plan({'m': net}, lambda n: SM.Context(n.config), p, only=['none', 'insitu', 'swg', 'apg'])
+    rows = plan({'m': net}, lambda n: SM.Context(n.config), p, only=['none', 'insitu', 'swg', 'apg'])
     by = {r['method']: r for r in rows}
     base = 2 * STEPS - 1
     grid = len(next(m for m in SM.all_methods(SM.Context(net.config), True) if m.name == 'insitu').grid)

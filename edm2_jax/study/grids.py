@@ -1,9 +1,10 @@
-"""The methods of the guidance study (issue 13) and their parameter grids.
+"""The rows of the guidance study: each a method of the registry `edm2_jax.methods` with its
+tuning grid.
 
 A `Method` turns a *setting* (a flat dict of numbers, e.g. {'w': 1.0, 'p': 0.1}) into keyword
-arguments of `sampling.sample` (method names and strengths from the registry `edm2_jax.methods`). Within one method every setting has the same static structure (method
-name, perturbed blocks, presence of an interval or schedule), so its whole grid runs through one
-compiled sampler: only traced numbers change. w is the guidance weight (EDM2's g = 1 + w).
+arguments of `sampling.sample`. Within one method every setting has the same static structure
+(method name, perturbed blocks, presence of an interval or schedule), so its whole grid runs through
+one compiled sampler: only traced numbers change. w is the guidance weight (EDM2's g = 1 + w).
 
 Two rows are derived from tuned points: the in-situ σ-schedules move the tuned in-situ strength
 across σ (`schedule_method`), and APG runs last, on top of the guided method with the lowest tuning
@@ -14,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from typing import Any, Callable, NamedTuple
-
 
 from edm2_jax import guidance as G
 from edm2_jax import methods as registry
@@ -101,6 +101,7 @@ def _schedules(s, sigmas):
             G.Schedule.linear(sigmas, [s['p_lo'], s['p_hi']]))
 
 
+SCHEDULE = 'insitu-schedule'   # derived from the tuned 'insitu' point, which it therefore also runs
 SCHEDULE_SCALES = (1.0, 2.0)
 
 
@@ -124,7 +125,7 @@ def schedule_method(base: dict, quick: bool = False) -> Method:
     setting of 'insitu' (so it runs after it, like APG)."""
     sigmas = (QUICK if quick else FULL)['schedule_sigmas']
     grid = schedule_grid(base, SCHEDULE_SCALES[:1] if quick else SCHEDULE_SCALES)
-    return Method('insitu-schedule', grid,
+    return Method(SCHEDULE, grid,
                   lambda s, ctx: dict(zip(('guidance', 'strength'), _schedules(s, sigmas)), method='insitu'))
 
 
