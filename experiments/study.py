@@ -41,7 +41,6 @@ from edm2_jax.errors import UserError, cli_main
 from edm2_jax.study.grids import Context
 from edm2_jax.study.protocol import Protocol, check_protocol
 from edm2_jax.study.runner import check_methods, plan, run_study
-from experiments.cpu_convolutions import use_eigen_convolutions
 
 FLAGS = flags.FLAGS
 
@@ -69,8 +68,6 @@ def define_flags() -> None:
     flags.DEFINE_bool('reference', True, 'Also score real training images (the floor row).')
     flags.DEFINE_bool('dry_run', False, 'Only print the plan: settings, images and network evaluations per '
                       'method (upper bounds), then exit.')
-    flags.DEFINE_bool('cpu_conv_via_eigen', True, 'On XLA:CPU (jaxlib 0.10), run convolutions through '
-                      'Eigen instead of YNNPACK (~2× faster sampling; experiments/cpu_convolutions.py).')
     flags.DEFINE_integer('pr_refs', 0, 'Precision/recall against the features of the first N test images '
                          '(0 = all 10,000); FD always uses the full test statistics.')
 
@@ -183,8 +180,6 @@ def main(argv):
         raise UserError('--out and --evaluator_cache are required')
     protocol = protocol_from_flags(FLAGS)
     mains, guide_dir, uncond_dir = resolve_networks(FLAGS)
-    if FLAGS.cpu_conv_via_eigen:
-        use_eigen_convolutions()
     from edm2_jax import checkpoint
     models = {name: checkpoint.load(d) for name, d in mains.items()}
     guide = None if guide_dir is None else checkpoint.load(guide_dir)
