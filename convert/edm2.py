@@ -3,7 +3,7 @@ r"""Convert EDM2 checkpoints (NVIDIA .pkl, PyTorch .pt, .npz, .safetensors) to e
     python -m convert.edm2 --src=edm2-img512-s-2147483-0.130.pkl --dst=checkpoints/img512-s-0.130
 
 Input formats (detected from the file's content, not its name):
-  pickle       NVIDIA network pickle (spec §4), read by `convert.pickle_reader` without torch and
+  pickle       NVIDIA network pickle (edm2-spec §4), read by `convert.pickle_reader` without torch and
                without executing anything in it; the architecture comes from the pickle's
                `_init_kwargs`, the decoder (SD-VAE scale/bias or RGB) from its `encoder`.
   torch        `torch.save` file holding a state_dict or a dict that contains one (loaded with

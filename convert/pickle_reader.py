@@ -1,7 +1,7 @@
-"""Restricted reader for NVIDIA's EDM2 network pickles (spec §4) that needs no torch and runs no code.
+"""Restricted reader for NVIDIA's EDM2 network pickles (edm2-spec §4) that needs no torch and runs no code.
 
 The official loader executes the module source stored in every persistent object. Here the pickle is
-read by an unpickler that resolves only the globals of spec §4.4 and maps each to an inert builder:
+read by an unpickler that resolves only the globals of edm2-spec §4.4 and maps each to an inert builder:
 
 * `torch_utils.persistence._reconstruct_persistent_obj(meta)` → `ObjectRecord(class_name, state)`;
   `meta['module_src']` is never executed (nor kept).
@@ -37,7 +37,7 @@ import numpy as np
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 
-# torch.<Name>Storage → numpy dtype (spec §4.4, inner whitelist).
+# torch.<Name>Storage → numpy dtype (edm2-spec §4.4, inner whitelist).
 STORAGE_DTYPES = {
     'HalfStorage': np.dtype(np.float16),
     'FloatStorage': np.dtype(np.float32),

@@ -235,7 +235,7 @@ def _architecture_from_init(args, kwargs) -> dict:
 
 
 def _decoder_from_encoder(encoder) -> DecoderSpec:
-    """Decoder description from the pickle's encoder record (spec §3.3)."""
+    """Decoder description from the pickle's encoder record (edm2-spec §3.3)."""
     if encoder is None:
         return DecoderSpec('rgb')  # generate_images.py falls back to StandardRGBEncoder
     if not isinstance(encoder, pickle_reader.ObjectRecord):

@@ -1,4 +1,4 @@
-"""PyTorch `state_dict` names (spec §1.7) ↔ edm2-jax variables, and architecture inference. No torch.
+"""PyTorch `state_dict` names (edm2-spec §1.7) ↔ edm2-jax variables, and architecture inference. No torch.
 
 Torch key `unet.enc.16x16_block0.conv_res0.weight` ↔ variables['params']['unet']['enc_16x16_block0']
 ['conv_res0']['weight']; the Fourier buffers (`*.freqs`, `*.phases`) live in variables['buffers'].

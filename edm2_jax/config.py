@@ -1,4 +1,4 @@
-"""EDM2 architecture configuration, presets (spec §2.1) and the block layout of the U-Net (spec §1.5).
+"""EDM2 architecture configuration, presets (edm2-spec §2.1) and the block layout of the U-Net (edm2-spec §1.5).
 
 `block_specs(config)` is the single source of truth for module names, widths, resampling and
 attention heads; the network, the converter and the guidance code (which blocks to perturb, where a
@@ -70,7 +70,7 @@ def _type_name(annotation) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class EDM2Config:
-    """Constructor arguments of EDM2's `Precond` + `UNet` + `Block` (spec §1.4–1.6).
+    """Constructor arguments of EDM2's `Precond` + `UNet` + `Block` (edm2-spec §1.4–1.6).
 
     `dropout` records the rate the network was trained with; inference never applies it unless the
     caller asks (dropout is a call-time argument of `Network`).
@@ -161,7 +161,7 @@ class BlockSpec(NamedTuple):
 
 
 def block_specs(config: EDM2Config) -> tuple[BlockSpec, ...]:
-    """All encoder then decoder modules, in the order the forward pass runs them (spec §1.5)."""
+    """All encoder then decoder modules, in the order the forward pass runs them (edm2-spec §1.5)."""
     specs = []
     cblock = config.block_channels
 

@@ -1,4 +1,4 @@
-"""How a network's output becomes pixels (spec §3.3): the `decoder` entry of its config.json.
+"""How a network's output becomes pixels (edm2-spec §3.3): the `decoder` entry of its config.json.
 
 `DecoderSpec('rgb')`: a pixel-space network (StandardRGBEncoder). `DecoderSpec('sd-vae', scale,
 bias, name)`: a latent network whose samples x are standardised VAE latents, raw = (x − bias)/scale,

@@ -1,4 +1,4 @@
-"""Magnitude-preserving building blocks of EDM2 (spec §1.1–1.3) and a keyed, per-example dropout.
+"""Magnitude-preserving building blocks of EDM2 (edm2-spec §1.1–1.3) and a keyed, per-example dropout.
 
 All image tensors are NHWC. Conv kernels are HWIO, linear kernels [in, out].
 """

@@ -1,4 +1,4 @@
-"""EDM2's U-Net (spec §1.4–1.5), its EDM preconditioning (spec §1.6) and the `Network` handle.
+"""EDM2's U-Net (edm2-spec §1.4–1.5), its EDM preconditioning (edm2-spec §1.6) and the `Network` handle.
 
 Dropout is not part of the architecture: the rate (scalar or one per example), the keys and the set
 of perturbed blocks are arguments of every call, and so are the other `perturb.Perturbation`s (skip,
@@ -86,7 +86,7 @@ def _repeat(a, n, copies=2):
 
 
 class UNet(nn.Module):
-    """EDM2 U-Net on NHWC inputs (spec §1.5). Every module output is sown as an intermediate."""
+    """EDM2 U-Net on NHWC inputs (edm2-spec §1.5). Every module output is sown as an intermediate."""
     config: EDM2Config
 
     @nn.compact
@@ -127,7 +127,7 @@ class UNet(nn.Module):
 
 
 class Precond(nn.Module):
-    """EDM preconditioning around the U-Net plus the log-variance head (spec §1.6).
+    """EDM preconditioning around the U-Net plus the log-variance head (edm2-spec §1.6).
 
     The image path runs in `dtype`; the noise/label embedding, the weight normalisation and D stay
     float32. sigma is [1] (broadcast) or [N]; class_labels [1 or N, label_dim] or None.

@@ -153,7 +153,7 @@ def make_sampler(layout: Layout, **sample_kwargs) -> Callable:
 def make_decoder(layout: Layout, decoder: DecoderSpec | dict | None, vae=None,
                  chunk: int = 4) -> Callable:
     """jit(fn(x) -> uint8 NHWC images), sharded like the batch, for `decoder` (a DecoderSpec or its
-    config.json dict; None = pixels). Pixel models: spec §3.3 RGB decode. Latent models: the SD-VAE
+    config.json dict; None = pixels). Pixel models: edm2-spec §3.3 RGB decode. Latent models: the SD-VAE
     on each device's rows, `chunk` at a time (EDM2 decodes 4 at a time; this bounds the decoder's
     memory)."""
     decoder = as_spec(decoder)

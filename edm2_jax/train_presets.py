@@ -22,7 +22,7 @@ from edm2_jax.training import TrainConfig
 MI = 1 << 20
 
 # ---------------------------------------------------------------------------------------------------
-# EDM2 ImageNet (spec §2.1): batch 2048, lr warm-up over 10 M images, decay t_ref in batches of 2048,
+# EDM2 ImageNet (edm2-spec §2.1): batch 2048, lr warm-up over 10 M images, decay t_ref in batches of 2048,
 # snapshots every 8 Mi images, training states every 128 Mi.
 
 # size: (α_ref, duration in Mi images) for img512 and img64 (None: no such preset).

@@ -220,7 +220,7 @@ def read_snapshot(path) -> tuple[dict, dict]:
 
 
 def reconstruct_phema(run_dir, sigma_rels: Sequence[float], t: int | None = None) -> dict[float, Network]:
-    """Post-hoc EMA (spec §6.1): for each target σ_rel, θ* = Σ_i x_i θ_i over every snapshot with
+    """Post-hoc EMA (edm2-spec §6.1): for each target σ_rel, θ* = Σ_i x_i θ_i over every snapshot with
     t_i ≤ T (both tracked profiles), x from `ema.posthoc_coefficients` (float64 least squares, columns
     summing to 1). T (images) must be a snapshot time; default the latest. Buffers are copied.
     """

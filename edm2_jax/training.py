@@ -137,7 +137,7 @@ AXIS = 'data'  # the batch axis of `parallel.data_mesh`
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """One EDM2 training run. Times are in images (t = images seen). Defaults: EDM2 img512 (spec §2.1/§6).
+    """One EDM2 training run. Times are in images (t = images seen). Defaults: EDM2 img512 (edm2-spec §2.1/§6).
 
     `dropout` is the rate applied in every training forward; exported networks record it in
     `EDM2Config.dropout` (a non-zero `network.dropout` must agree with it). `label_dropout` is reserved
@@ -214,7 +214,7 @@ class TrainConfig:
 
 
 def edm2_lr(cfg: TrainConfig) -> Callable:
-    """lr(t) = α_ref / sqrt(max(t / t_decay, 1)) · min(t / t_warmup, 1), t = images seen (spec §6)."""
+    """lr(t) = α_ref / sqrt(max(t / t_decay, 1)) · min(t / t_warmup, 1), t = images seen (edm2-spec §6)."""
     return inverse_sqrt_lr(cfg.lr_ref, cfg.lr_decay_images, cfg.lr_warmup_images)
 
 
@@ -222,7 +222,7 @@ def edm2_loss(denoised, target, sigma, logvar, sigma_data: float = 0.5):
     """Per-image EDM2 loss [N]: Σ over elements of λ(σ)/e^u · (D − y)² + u (u added per element).
 
     denoised, target [N, ...]; sigma, logvar [N] (or [N, 1, 1, 1]). The training objective is the mean
-    over images (spec §6: sum over elements / batch, averaged over GPUs).
+    over images (edm2-spec §6: sum over elements / batch, averaged over GPUs).
     """
     n = denoised.shape[0]
     shape = (n,) + (1,) * (denoised.ndim - 1)
@@ -239,7 +239,7 @@ def _is_mpconv_weight(path) -> bool:
 
 def forced_weight_norm(params, eps: float = 1e-4):
     """Every MPConv weight (leaf named 'weight'; kernels HWIO / [in, out]) replaced by
-    w / (eps + rms(w)) per output channel over the fan-in (spec §1.3); gains untouched."""
+    w / (eps + rms(w)) per output channel over the fan-in (edm2-spec §1.3); gains untouched."""
     def norm(path, w):
         return normalize(w, axis=tuple(range(w.ndim - 1)), eps=eps) if _is_mpconv_weight(path) else w
     return jax.tree_util.tree_map_with_path(norm, params)

@@ -1,5 +1,5 @@
 """SD-VAE decoder (the decoder half of diffusers' `AutoencoderKL`) in Flax, and EDM2's latent → pixel
-conventions (spec §3.3).
+conventions (edm2-spec §3.3).
 
 EDM2's ImageNet-512 networks generate 64×64×4 latents of Stability's `sd-vae-ft-mse`, standardised
 per channel: raw = (x − bias) / scale. The VAE works on [0, 1] pixels, so an image is
@@ -282,7 +282,7 @@ def load(path, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None) -> V
 
 
 # ------------------------------------------------------------------------------------------------
-# EDM2's conventions (spec §3.3)
+# EDM2's conventions (edm2-spec §3.3)
 
 def edm2_to_raw(latents, scale, bias):
     """EDM2 latents (NHWC) → raw VAE latents: (x − bias) / scale per channel, float32."""

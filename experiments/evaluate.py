@@ -1,4 +1,4 @@
-"""FID and FD_DINOv2 of an image set in EDM2's protocol (spec §5), and reference statistics.
+"""FID and FD_DINOv2 of an image set in EDM2's protocol (edm2-spec §5), and reference statistics.
 
     python -m experiments.evaluate --images=DIR_OR_NPZ --ref=img512.pkl --metrics=fid,fd_dinov2
     python -m experiments.evaluate --images=REAL_DIR --make_ref --ref=OUT.pkl --num_images=0

@@ -1,4 +1,4 @@
-"""Trains (once) / loads the Fashion-MNIST evaluator and reports its sanity checks (issue #13).
+"""Trains (once) / loads the Fashion-MNIST evaluator and reports its sanity checks.
 
     python -m experiments.fmnist_evaluator --cache=DIR
 

@@ -1,11 +1,11 @@
-"""The 2-D toy experiment (issue 7; toy2d-spec): trains the main model and the two guides (cached with
+"""The 2-D toy experiment (docs/toy2d-spec.md): trains the main model and the two guides (cached with
 orbax under --outdir), samples with every guidance method from common start points, and writes
 figure.png, metrics.json (method → metric → value, with the exact-vs-exact row 'exact') and metrics.md.
 
   python -m experiments.toy2d                  # default demo (~10 min on 2 CPU cores)
   python -m experiments.toy2d --quick          # tiny models, < 1 min (tests / CI)
   python -m experiments.toy2d --sweep          # + in-situ (p, w) heat-maps (sweep.png)
-  python -m experiments.toy2d --full           # spec §9 grids, 3 training × 3 sampling seeds (hours)
+  python -m experiments.toy2d --full           # toy2d-spec §9 grids, 3 training × 3 sampling seeds (hours)
 """
 from __future__ import annotations
 
@@ -223,7 +223,7 @@ def zoom_start_points(key, n_candidates=4096, spacing=0.045, sigma=0.03):
 
 
 def dropout_sanity(models, key, rates):
-    """Held-out per-σ loss with dropout off, one pass, and the mean of 32 passes (spec §9 item 4)."""
+    """Held-out per-σ loss with dropout off, one pass, and the mean of 32 passes (toy2d-spec §9 item 4)."""
     rows = {}
     for name, rate in rates.items():
         m = models[name]

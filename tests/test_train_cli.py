@@ -108,8 +108,8 @@ def test_kill_and_resume_match_uninterrupted(files, cli_run):
     whole = files / 'whole'
     assert train.train(_settings(files, whole))['steps'] == 10
     reference = _final_state(whole)
-    # The CLI subprocess ran its convolutions through another XLA:CPU backend (--cpu_conv_via_eigen):
-    # equal up to float32 rounding only.
+    # The CLI subprocess compiles with its own XLA flags (not the suite's optimisation level 0): equal up to
+    # float32 rounding only.
     for x, y in zip(reference, _final_state(cli_run)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
 

@@ -1,4 +1,4 @@
-"""DINOv2 ViT feature detector (EDM2's FD_DINOv2, spec §5), in Flax.
+"""DINOv2 ViT feature detector (EDM2's FD_DINOv2, edm2-spec §5), in Flax.
 
 Feature = the CLS token after the final LayerNorm (1024-d for ViT-L/14). The model is the pre-norm
 ViT of DINOv2: patch embedding (conv k = stride = patch), CLS token, learned position embedding on an

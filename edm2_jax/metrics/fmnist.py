@@ -1,4 +1,4 @@
-"""Fashion-MNIST evaluator (issue #13): a small CNN classifier trained here on the training split.
+"""Fashion-MNIST evaluator: a small CNN classifier trained here on the training split.
 
 - FD-FMNIST: Fréchet distance between the classifier's 128-d penultimate features of the images and
   of the 10,000 test images (EDM2 refs format, key 'fd_fmnist').

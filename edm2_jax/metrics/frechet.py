@@ -1,4 +1,4 @@
-"""Feature statistics, the Fréchet distance, and EDM2's `dataset-refs` files (spec §5).
+"""Feature statistics, the Fréchet distance, and EDM2's `dataset-refs` files (edm2-spec §5).
 
 Statistics are accumulated in float64 batch by batch (Σf, Σfᵀf, n), so they can be summed across
 batches, devices and hosts before `mu = Σf/n`, `sigma = (Σfᵀf − n·mu·muᵀ)/(n − 1)`.

@@ -1,4 +1,4 @@
-"""Inception-v3 feature detector for FID (spec §5): TF's "2015-12-05" graph as ported by pytorch-fid.
+"""Inception-v3 feature detector for FID (edm2-spec §5): TF's "2015-12-05" graph as ported by pytorch-fid.
 
 The FID variant differs from torchvision's Inception-v3 in its pooling: the avg-pool branches of the
 A, C and first E blocks exclude padding from the average (count_include_pad=False), and the last E

@@ -16,7 +16,7 @@ self-guidance family that make sense for an MLP take the `edm2_jax.perturb.Pertu
 Two readouts:
 * 'energy' (the paper's): log p̂ = gain · mean(y²) / σ − ½‖u‖², score = ∇ₓ log p̂ by autodiff,
   D = x + σ² score. Quadratic in the last features, so a model *trained* with dropout is biased with
-  dropout off (spec §5.3); use it for models trained without dropout.
+  dropout off (toy2d-spec §5.3); use it for models trained without dropout.
 * 'denoiser': D = c_skip x + c_out · gain · F, F linear in the last dropped features — for models
   trained with dropout.
 """
