@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from conftest import nchw_to_nhwc, nhwc_to_nchw, torch_params
+from helpers import nchw_to_nhwc, nhwc_to_nchw, torch_params
 from convert import pickle_reader
 from convert.edm2 import ConversionError, convert_checkpoint
 from convert.torch_names import network_to_torch

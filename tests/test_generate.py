@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_parallel import write_tiny_checkpoint
+from helpers import write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 STOP_ENV = 'EDM2_GENERATE_STOP_AFTER_BATCHES'

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import nchw_to_nhwc, nhwc_to_nchw
+from helpers import nchw_to_nhwc, nhwc_to_nchw
 from convert.torch_names import torch_to_network
 from edm2_jax import EDM2Config, Network
 

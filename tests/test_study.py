@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import random_network
+from helpers import random_network
 
 CONFIG = dict(img_resolution=16, img_channels=1, label_dim=10, model_channels=8, channel_mult=(1, 2),
               num_blocks=1, attn_resolutions=(8,), channels_per_head=8)

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import torch_params
+from helpers import torch_params
 from convert.torch_names import (check_shapes, infer_config, network_to_torch, path_to_torch,
                                  torch_shapes, torch_to_network, torch_to_path)
 from edm2_jax import PRESETS, EDM2Config
