@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test runs the script as a subprocess
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 2
 TINY = ['--resolution=8', '--img_channels=2', '--channels=8', '--channel_mult=1', '--num_blocks=1',

@@ -238,6 +238,7 @@ def test_torch_training_state_takes_the_ema_state_dict(tmp_path, files):
     assert not _torch_sd(tmp_path / 'out2')['unet.out_conv.weight'].any()
 
 
+@pytest.mark.slow
 def test_cli_converts_a_pickle_without_torch_and_fails_cleanly(tmp_path, files):
     # torch and NVIDIA's packages are made unimportable in the child process.
     run = ("import runpy, sys\n"

@@ -43,6 +43,7 @@ def _env(**extra):
     (['--net=NET', '--method=pag', '--guidance=2', '--window=4,2'], '--window is for --method=swg'),
     (['--net=NET', '--method=pag', '--guidance=2', '--gnet=NET'], 'uses no --gnet'),
 ])
+@pytest.mark.slow
 def test_bad_flags_fail_fast(tmp_path, args, message):
     net = tmp_path / 'net'  # the flag checks look only for config.json: nothing is loaded
     net.mkdir()
@@ -63,6 +64,7 @@ def _files(outdir):
             if p.is_file() and p.name != 'summary.json'}
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_and_nan_stops(tmp_path):
     net = write_tiny_checkpoint(tmp_path / 'net')
     bad = write_tiny_checkpoint(tmp_path / 'bad', nan=True)
@@ -106,6 +108,7 @@ def test_resume_equals_uninterrupted_and_nan_stops(tmp_path):
     assert raw.shape == (8, 8, 3) and np.isfinite(raw).all()
 
 
+@pytest.mark.slow
 def test_self_guidance_method_matches_the_library(tmp_path):
     """--method=sigma-shift through the script gives the samples of edm2_jax.sample() directly."""
     import jax.numpy as jnp
@@ -125,6 +128,7 @@ def test_self_guidance_method_matches_the_library(tmp_path):
     np.testing.assert_allclose(ours, np.asarray(direct, jnp.float32).reshape(ours.shape), rtol=0, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_greyscale_network_writes_greyscale_pngs(tmp_path):
     """A 1-channel pixel model (e.g. Fashion-MNIST) writes 'L' PNGs equal to the decoded raw samples."""
     from PIL import Image

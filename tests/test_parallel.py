@@ -80,6 +80,7 @@ def _load(outdir):
     return raw, png
 
 
+@pytest.mark.slow
 def test_same_images_for_every_layout(layouts):
     """Raw samples are bit-identical for 1 and 2 devices and 2 processes × 2 devices (same per-device
     batch, so the same per-device program). With 4 devices in one process XLA:CPU compiles the
@@ -99,6 +100,7 @@ def test_same_images_for_every_layout(layouts):
     assert not list(layouts.glob('*/.*.tmp'))
 
 
+@pytest.mark.slow
 def test_summary_counts_devices_and_hosts(layouts):
     import json
     for name, devices, hosts in (('1dev', 1, 1), ('4dev', 4, 1), ('2x2', 4, 2)):

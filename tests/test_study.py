@@ -71,6 +71,7 @@ def t_steps(n, lo=0.002, hi=80.0, rho=7.0):
     return (hi ** (1 / rho) + i / (n - 1) * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
 
 
+@pytest.mark.slow
 def test_results_structure_and_protocol(study_run):
     out, res = study_run
     methods = res['models']['main']
@@ -123,6 +124,7 @@ def tuned_report(entry):
     return tuned_entry(entry)['report']
 
 
+@pytest.mark.slow
 def test_seed_sets_and_files(study_run):
     out, res = study_run
     files = sorted((out / 'runs' / 'main').rglob('*.json'))
@@ -163,6 +165,7 @@ def test_grid_edges():
     assert study.grid_edges(entry(grid[0], grid[:5])) == []                  # not a product grid
 
 
+@pytest.mark.slow
 def test_nfe_closed_form(study_run):
     from experiments import study_methods as SM
     _, res = study_run
@@ -182,6 +185,7 @@ def test_nfe_closed_form(study_run):
     assert SM.nfe_per_image(5, 9 / 4) == 9 * (1 + 9 / 4)
 
 
+@pytest.mark.slow
 def test_rerun_skips_everything(study_run, nets, monkeypatch):
     from experiments import study
     out, res = study_run
@@ -197,6 +201,7 @@ def test_rerun_skips_everything(study_run, nets, monkeypatch):
     assert again['models'] == res['models'] and again['data'] == res['data']
 
 
+@pytest.mark.slow
 def test_resume_recomputes_only_missing(study_run, nets, scorer):
     out, res = study_run
     path = out / 'runs' / 'main' / 'none' / 'default' / 'report1.json'
@@ -247,6 +252,7 @@ def test_every_quick_method_is_accepted_by_the_sampler():
     assert set(SM.skipped_methods(bare)) == {'cfg', 'cfg-interval', 'autoguidance', 'hybrid', 'pag'}
 
 
+@pytest.mark.slow
 def test_network_resolution_and_bad_input(tmp_path):
     from experiments import study
     for preset in ('fmnist-main', 'fmnist-main-drop', 'fmnist-guide'):

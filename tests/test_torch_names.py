@@ -64,6 +64,7 @@ def test_shape_errors_are_listed_together(tiny_cond):
         infer_config({'foo': (1,)})
 
 
+@pytest.mark.slow
 def test_mapping_needs_no_torch():
     code = ('import sys; sys.modules["torch"] = None; import convert.torch_names, convert.edm2; '
             'print("torch" in sys.modules and sys.modules["torch"] is not None)')

@@ -27,12 +27,14 @@ def quick_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_outputs_written(quick_run):
     for name in ('figure.png', 'metrics.json', 'metrics.md', 'run.json'):
         assert (quick_run / name).stat().st_size > 0
     assert sorted(p.name for p in (quick_run / 'models').iterdir()) == ['ag-seed0', 'cfg-seed0', 'main-seed0']
 
 
+@pytest.mark.slow
 def test_table_shape(quick_run):
     table = json.loads((quick_run / 'metrics.json').read_text())
     expected = {'exact', 'exact_ode', 'none', 'cfg w=3', 'autoguidance w=2', 'in-situ p=0.05 w=2',
@@ -46,6 +48,7 @@ def test_table_shape(quick_run):
         assert f'| {method} |' in md
 
 
+@pytest.mark.slow
 def test_metric_sanity(quick_run):
     t = json.loads((quick_run / 'metrics.json').read_text())
     ex, ode, none, cfg = t['exact'], t['exact_ode'], t['none'], t['cfg w=3']
@@ -63,6 +66,7 @@ def test_metric_sanity(quick_run):
     assert cfg['wrong_class'] <= none['wrong_class']
 
 
+@pytest.mark.slow
 def test_run_info(quick_run):
     info = json.loads((quick_run / 'run.json').read_text())
     assert abs(info['tau'] - (-1.84)) < 0.06

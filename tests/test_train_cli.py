@@ -80,6 +80,7 @@ def cli_run(files):
     return run
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(cli_run):
     log = [json.loads(line) for line in (cli_run / 'training_log.jsonl').read_text().splitlines()]
     assert [rec['step'] for rec in log] == [2, 4, 6, 8, 10]
@@ -103,6 +104,7 @@ def test_cli_end_to_end(cli_run):
     assert train.train(_settings(cli_run.parent, cli_run)) == done
 
 
+@pytest.mark.slow
 def test_kill_and_resume_match_uninterrupted(files, cli_run):
     from experiments import train
     whole = files / 'whole'
@@ -132,6 +134,7 @@ def test_kill_and_resume_match_uninterrupted(files, cli_run):
         _assert_identical(jax.tree.leaves(a), jax.tree.leaves(b))
 
 
+@pytest.mark.slow
 def test_other_configuration_is_refused(files, cli_run):
     from experiments import train
     before = sorted((p.name, p.stat().st_mtime_ns) for p in cli_run.rglob('*'))
@@ -149,6 +152,7 @@ def test_other_configuration_is_refused(files, cli_run):
         _settings(files, cli_run, export_std=['0.5'])
 
 
+@pytest.mark.slow
 def test_phema_cli(files, cli_run):
     out = files / 'phema'
     r = _cli('experiments.phema', f'--in={cli_run}', '--std=0.1,0.07', f'--out={out}')

@@ -83,8 +83,10 @@ def two_device_run(tmp_path_factory):
 
 
 @pytest.fixture(scope='module', autouse=True)
-def _start_two_device_run(two_device_run):
-    yield
+def _start_two_device_run(request):
+    """Starts the subprocess with the module's first test, if its test is selected (not under -m "not slow")."""
+    if any(item.name == 'test_two_devices_match_one_device' for item in request.session.items):
+        request.getfixturevalue('two_device_run')
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -262,6 +264,7 @@ def test_posthoc_reconstruction_matches_tracked_ema(tmp_path):
         S.reconstruct_phema(tmp_path, [0.075], t=1234)
 
 
+@pytest.mark.slow
 def test_two_devices_match_one_device(two_device_run):
     """3 steps on a 2-device mesh (batch sharded, shard_map + psum) vs one device. The per-example σ,
     noise and dropout are the same; only the sums over the batch are split differently, so the
