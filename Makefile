@@ -11,7 +11,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CACHE ?= .cache
 FMNIST_PRESETS := fmnist-main fmnist-main-drop fmnist-guide fmnist-uncond
 
-.PHONY: setup data demo test train evaluator study clean
+.PHONY: setup data demo test test-fast train evaluator study clean
 
 setup: $(VENV)/.installed data
 
@@ -36,6 +36,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q --durations=15 tests
+
+# The fast loop: without the subprocess and end-to-end tests (marked slow; CI runs everything).
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" --durations=15 tests
 
 # The four Fashion-MNIST networks of the guidance study; a run with a done.json is skipped, an
 # interrupted one resumes.
