@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from edm2_jax import EDM2Config, Network
+from edm2_jax import EDM2Config
 from edm2_jax import guidance as G
 from edm2_jax import sampling as S
 from helpers import TRACES, Recorded, heun_evals, numpy_heun, random_network, run_recorded

@@ -69,7 +69,8 @@ def test_unconditional_network_ignores_labels():
     conditional = random_network(cond, seed=1)
     uncond = cond.replace(label_dim=0)
     flat = flax.traverse_util.flatten_dict(conditional.variables)
-    net = Network(uncond, flax.traverse_util.unflatten_dict({k: v for k, v in flat.items() if 'emb_label' not in k}))
+    net = Network(uncond, flax.traverse_util.unflatten_dict({k: v for k, v in flat.items()
+                                                             if 'emb_label' not in k}))
     assert jax.tree.structure(net.variables) == jax.tree.structure(
         jax.eval_shape(lambda k: Network.init(uncond, k).variables, jax.random.key(0)))
     x = jax.random.normal(jax.random.key(2), (2, 8, 8, 3))
