@@ -345,7 +345,7 @@ def test_refused_by_the_cli_with_bounded_memory(tmp_path, case):
 
 @pytest.fixture(scope='module')
 def small_npz(tmp_path_factory, tiny_cond):
-    from conftest import torch_params
+    from helpers import torch_params
     path = tmp_path_factory.mktemp('net') / 'net.npz'
     np.savez(path, **{k: v.astype(np.float16) for k, v in torch_params(tiny_cond).items()})
     return path

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test runs the script as a subprocess
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 2
 TINY = ['--resolution=8', '--img_channels=2', '--channels=8', '--channel_mult=1', '--num_blocks=1',
@@ -59,6 +61,13 @@ def test_counted_evaluations(report):
     # Per image: 2S − 1 evaluations, all unguided for 'none', all guided for in-situ.
     assert none['flops_per_image'] == pytest.approx((2 * STEPS - 1) * none['flops_per_eval'])
     assert fused['flops_per_image'] == pytest.approx((2 * STEPS - 1) * fused['flops_per_guided_eval'])
+    # Every evaluation of in-situ is guided, none of 'none'; the counted rows per network sum to the NFE.
+    assert (none['guided_evals_per_image'], fused['guided_evals_per_image']) == (0, 2 * STEPS - 1)
+    for r in (none, fused):
+        assert sum(r['nfe_by_network'].values()) == r['nfe_per_image']
+        # rates and ratios are the quotients of the reported numbers
+        assert r['flop_per_s'] == pytest.approx(r['flops_per_image'] / r['sec_per_image'])
+        assert r['ratio_to_none'] == pytest.approx(r['sec_per_image'] / none['sec_per_image'])
 
 
 def test_sweep_compiles_once(report):
@@ -80,3 +89,7 @@ def test_per_term_interval_costs_like_sampler_interval(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())['results']
     assert [r['nfe_per_image'] for r in results] == [2 * STEPS - 1 + 1] * 2
+    assert [r['guided_evals_per_image'] for r in results] == [1, 1]
+    # 2 unguided evaluations at the forward's cost and 1 guided one at the guided cost
+    for r in results:
+        assert r['flops_per_image'] == pytest.approx(2 * r['flops_per_eval'] + r['flops_per_guided_eval'])

@@ -8,7 +8,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import torch_params
+from helpers import torch_params
 from convert.torch_names import torch_to_network
 from edm2_jax import checkpoint
 from edm2_jax.errors import UserError

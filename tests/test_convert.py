@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from conftest import nchw_to_nhwc, nhwc_to_nchw, torch_params
+from helpers import nchw_to_nhwc, nhwc_to_nchw, torch_params
 from convert import pickle_reader
 from convert.edm2 import convert_checkpoint
 from convert.torch_names import network_to_torch
@@ -239,6 +239,7 @@ def test_torch_training_state_takes_the_ema_state_dict(tmp_path, files):
     assert not _torch_sd(tmp_path / 'out2')['unet.out_conv.weight'].any()
 
 
+@pytest.mark.slow
 def test_cli_converts_a_pickle_without_torch_and_fails_cleanly(tmp_path, files):
     # torch and NVIDIA's packages are made unimportable in the child process.
     run = ("import runpy, sys\n"

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import nchw_to_nhwc, random_network, torch_params
+from helpers import nchw_to_nhwc, random_network, torch_params
 from convert.torch_names import torch_to_network
 from edm2_jax import EDM2Config
 from edm2_jax.layers import dropout

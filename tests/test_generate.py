@@ -15,7 +15,7 @@ import pytest
 from edm2_jax import checkpoint, generation, io
 from edm2_jax.config import EDM2Config
 from edm2_jax.errors import UserError
-from test_parallel import write_tiny_checkpoint
+from helpers import write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,6 +70,7 @@ def config_only_checkpoint(net):
     (['--net=NET', '--S_churn=-1'], 'need S_churn >= 0'),
     (['--net=NET', '--class=3'], '--class: must lie in [0, 0)'),
 ])
+@pytest.mark.slow
 def test_bad_flags_fail_fast(tmp_path, args, message):
     net = config_only_checkpoint(tmp_path / 'net')  # the flag checks look only at config.json
     args = [a.replace('NET', str(net)).replace('CKPTS', str(tmp_path)) for a in args]
@@ -226,6 +227,7 @@ def test_resume_equals_uninterrupted_and_nan_stops(tmp_path):
     assert raw.shape == (8, 8, 3) and np.isfinite(raw).all()
 
 
+@pytest.mark.slow
 def test_self_guidance_method_matches_the_library(tmp_path):
     """--method=sigma-shift through the script gives the samples of edm2_jax.sample() directly."""
     import jax.numpy as jnp
@@ -245,6 +247,7 @@ def test_self_guidance_method_matches_the_library(tmp_path):
     np.testing.assert_allclose(ours, np.asarray(direct, jnp.float32).reshape(ours.shape), rtol=0, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_greyscale_network_writes_greyscale_pngs(tmp_path):
     """A 1-channel pixel model (e.g. Fashion-MNIST) writes 'L' PNGs equal to the decoded raw samples."""
     from PIL import Image

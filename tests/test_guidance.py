@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from edm2_jax import EDM2Config, Network
+from edm2_jax import EDM2Config
 from edm2_jax import denoiser as D
 from edm2_jax import guidance as G
 from edm2_jax import perturb as P
 from edm2_jax import methods as M
 from edm2_jax import sampling as S
-from test_sampling import TRACES, Recorded, run_recorded
+from helpers import TRACES, Recorded, heun_evals, numpy_heun, random_network, run_recorded
 
 STEPS = 4
 SAMPLER_RTOL = 1e-4  # fused vs unfused, batch sizes: XLA CPU's conv/GEMM summation order depends on the
@@ -90,21 +90,17 @@ def test_interval_evaluates_the_guide_only_inside(by_step):
         inputs.noise, inputs.keys)
     jax.effects_barrier()
     # evaluation e of step i sits at t_i (Euler) or t_{i+1} (correction, i < N − 1)
-    evals = [(s, i) for i in range(num_steps) for s in ([t[i], t[i + 1]] if i < num_steps - 1 else [t[i]])]
-    inside = [(2 <= i <= 4) if by_step else (lo < s <= hi) for s, i in evals]
+    evals = heun_evals(num_steps, 20.0)
+
+    def guided(s, i):
+        return (2 <= i <= 4) if by_step else (lo < s <= hi)
+    inside = [guided(s, i) for s, i in evals]
     assert [name for name, _, _ in log] == sum((['main', 'guide'] if g else ['main'] for g in inside), [])
     guided_sigmas = [s for (s, i), g in zip(evals, inside) if g]
     np.testing.assert_allclose([s for name, s, _ in log if name == 'guide'], guided_sigmas, rtol=1e-6)
     assert 0 < len(guided_sigmas) < len(evals)
     # and the result is the Heun loop on D = 0.4x inside the interval (guided), 0.6x outside
-    x = np.asarray(inputs.noise, np.float64) * t[0]
-    for i in range(num_steps):
-        a = [0.4 if g else 0.6 for (s, j), g in zip(evals, inside) if j == i]
-        d = x * (1 - a[0]) / t[i]
-        x_next = x + (t[i + 1] - t[i]) * d
-        if i < num_steps - 1:
-            x_next = x + (t[i + 1] - t[i]) * (d + x_next * (1 - a[1]) / t[i + 1]) / 2
-        x = x_next
+    x = numpy_heun(lambda x, s, i: (0.4 if guided(s, i) else 0.6) * x, inputs.noise, t)
     np.testing.assert_allclose(np.asarray(out), x, rtol=1e-4, atol=1e-6)
 
 
@@ -138,18 +134,10 @@ MICRO = EDM2Config(img_resolution=8, img_channels=2, label_dim=3, model_channels
                    num_blocks=1, attn_resolutions=())
 
 
-def micro_network(seed):
-    """Random weights (NumPy, nothing to compile) in the layout of `Network.init`; gains non-zero."""
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(lambda k: Network.init(MICRO, k).variables, jax.random.key(0))
-    variables = jax.tree.map(lambda v: jnp.asarray(rng.normal(size=v.shape) if v.ndim
-                                                   else rng.uniform(0.4, 1.3), v.dtype), shapes)
-    return Network(MICRO, variables)
-
-
 @pytest.fixture(scope='module')
 def nets():
-    return Recorded(micro_network(0), 'net'), Recorded(micro_network(1), 'gnet')
+    return (Recorded(random_network(MICRO, 0, gains=(0.4, 1.3)), 'net'),
+            Recorded(random_network(MICRO, 1, gains=(0.4, 1.3)), 'gnet'))
 
 
 @pytest.fixture(scope='module')
@@ -218,8 +206,7 @@ def test_a_wp_sweep_compiles_once(nets, batch):
 
 def test_interval_skips_real_network_evaluations(nets, batch):
     net = nets[0]
-    t = np.asarray(S.sigma_steps(STEPS), np.float64)
-    evals = [s for i in range(STEPS) for s in ([t[i], t[i + 1]] if i < STEPS - 1 else [t[i]])]
+    evals = [s for s, _ in heun_evals(STEPS)]
     for lo, hi in [(1.0, 20.0), (0.01, 2.0)]:
         out, calls = run_recorded(lambda: insitu(net, batch, interval=(lo, hi)))
         inside = [lo < s <= hi for s in evals]
@@ -279,12 +266,6 @@ def test_per_term_interval_and_schedule():
 # ---------------------------------------------------------------------------------------------------
 # Per-term intervals skip the work of inactive terms.
 
-def heun_evals(num_steps, sigma_max=80.0):
-    """(σ, step) of every evaluation of the Heun loop, in order."""
-    t = np.asarray(S.sigma_steps(num_steps, sigma_max=sigma_max), np.float64)
-    return [(s, i) for i in range(num_steps) for s in ([t[i], t[i + 1]] if i < num_steps - 1 else [t[i]])]
-
-
 def test_per_term_interval_runs_its_guide_only_where_active():
     """Generic denoisers: guide 1 has the step interval [1, 4] (4 of 6 steps), guide 2 none. Guide 1
     runs exactly at the 8 evaluations of steps 1–4; D against the formula in a NumPy Heun loop."""
@@ -300,14 +281,8 @@ def test_per_term_interval_runs_its_guide_only_where_active():
     assert [name for name, _, _ in log] == sum((['main', 'g1', 'g2'] if a else ['main', 'g2'] for a in on), [])
     assert sum(name == 'g1' for name, _, _ in log) == 8
     t = np.asarray(S.sigma_steps(num_steps, sigma_max=20.0), np.float64)
-    x = np.asarray(inputs.noise, np.float64) * t[0]
-    for i in range(num_steps):  # D = a·x with a = 0.6 + 1.0·(0.6 − 0.8)·[1 ≤ i ≤ 4] + 0.5·(0.6 − 0.7)
-        a = 0.6 - 0.2 * (1 <= i <= 4) - 0.05
-        d = x * (1 - a) / t[i]
-        x_next = x + (t[i + 1] - t[i]) * d
-        if i < num_steps - 1:
-            x_next = x + (t[i + 1] - t[i]) * (d + x_next * (1 - a) / t[i + 1]) / 2
-        x = x_next
+    # D = a·x with a = 0.6 + 1.0·(0.6 − 0.8)·[1 ≤ i ≤ 4] + 0.5·(0.6 − 0.7)
+    x = numpy_heun(lambda x, s, i: (0.6 - 0.2 * (1 <= i <= 4) - 0.05) * x, inputs.noise, t)
     np.testing.assert_allclose(np.asarray(out), x, rtol=1e-5, atol=1e-6)
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import random_network
+from helpers import random_network
 from edm2_jax import EDM2Config, Term
 from edm2_jax import guidance as G
 from edm2_jax import methods as M

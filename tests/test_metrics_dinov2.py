@@ -9,10 +9,7 @@ import jax.numpy as jnp
 
 from convert import detectors
 from edm2_jax.metrics import dinov2 as D
-
-
-def rel_err(a, b):
-    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+from helpers import rel_err
 
 
 def perturbed(module, seed=0):

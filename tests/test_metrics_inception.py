@@ -10,10 +10,7 @@ import jax.numpy as jnp
 
 from convert import detectors
 from edm2_jax.metrics import inception as I
-
-
-def rel_err(a, b):
-    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+from helpers import rel_err
 
 
 def nhwc(a):

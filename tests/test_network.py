@@ -1,12 +1,13 @@
 """The Flax EDM2 network against the official PyTorch outputs in tests/reference/tiny_cond.npz."""
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import nchw_to_nhwc, nhwc_to_nchw
 from convert.torch_names import torch_to_network
 from edm2_jax import EDM2Config, Network
+from helpers import nchw_to_nhwc, nhwc_to_nchw, random_network
 
 TOL = 1e-4
 
@@ -60,11 +61,25 @@ def test_labels_none_means_zero_labels(ref):
 
 
 def test_unconditional_network_ignores_labels():
-    cfg = EDM2Config(img_resolution=8, img_channels=3, label_dim=0, model_channels=16,
-                     channel_mult=(1, 2), num_blocks=1, attn_resolutions=())
-    net = Network.init(cfg, jax.random.key(1))
+    """Random weights with non-zero gains (a fresh init has a zero output gain: no input could matter).
+    With the label embedding, these weights do depend on the labels; without it (label_dim = 0, the
+    same weights less emb_label) the labels are ignored."""
+    cond = EDM2Config(img_resolution=8, img_channels=3, label_dim=5, model_channels=16,
+                      channel_mult=(1, 2), num_blocks=1, attn_resolutions=())
+    conditional = random_network(cond, seed=1)
+    uncond = cond.replace(label_dim=0)
+    flat = flax.traverse_util.flatten_dict(conditional.variables)
+    net = Network(uncond, flax.traverse_util.unflatten_dict({k: v for k, v in flat.items()
+                                                             if 'emb_label' not in k}))
+    assert jax.tree.structure(net.variables) == jax.tree.structure(
+        jax.eval_shape(lambda k: Network.init(uncond, k).variables, jax.random.key(0)))
     x = jax.random.normal(jax.random.key(2), (2, 8, 8, 3))
-    np.testing.assert_array_equal(np.asarray(net(x, 1.0)), np.asarray(net(x, 1.0, jnp.ones((2, 5)))))
+    a, b = np.eye(5, dtype=np.float32)[[0, 1]], np.eye(5, dtype=np.float32)[[3, 4]]
+    assert np.abs(np.asarray(conditional(x, 1.0, a)) - np.asarray(conditional(x, 1.0, b))).max() > 1e-2
+    plain = np.asarray(net(x, 1.0))
+    assert np.abs(plain).max() > 0.1  # not the zero output of a fresh init
+    for labels in (a, b):
+        np.testing.assert_array_equal(np.asarray(net(x, 1.0, labels)), plain)
 
 
 def test_network_passes_through_jit(ref):

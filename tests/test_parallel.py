@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from edm2_jax import io, parallel
+from helpers import write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = '0-6'  # 7 seeds: not divisible by 2, 4 or 8; per-device batch 2 pads every layout's last batch
@@ -38,24 +39,6 @@ def test_layout_and_local_rows():
     np.testing.assert_array_equal(parallel.local_rows(g), x)
     with pytest.raises(ValueError, match='per-device batch'):
         parallel.Layout(mesh, 0)
-
-
-def write_tiny_checkpoint(path, *, nan=False, channels=3):
-    """A tiny conditional pixel-space network (random, non-zero gains) saved as a converted checkpoint;
-    nan=True poisons the output gain so every sample is NaN."""
-    from conftest import random_network
-    from edm2_jax import checkpoint
-    from edm2_jax.config import EDM2Config
-    config = EDM2Config(img_resolution=8, img_channels=channels, label_dim=10, model_channels=16,
-                        channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,))
-    net = random_network(config, seed=0)
-    if nan:
-        import jax
-        params = jax.tree_util.tree_map_with_path(
-            lambda path, v: np.float32(np.nan) if path[-1].key == 'out_gain' else v, net.variables['params'])
-        net = net.replace(variables={**net.variables, 'params': params})
-    checkpoint.save(path, net, decoder={'type': 'rgb'})
-    return path
 
 
 def _free_port():
@@ -97,6 +80,7 @@ def _load(outdir):
     return raw, png
 
 
+@pytest.mark.slow
 def test_same_images_for_every_layout(layouts):
     """Raw samples are bit-identical for 1 and 2 devices and 2 processes × 2 devices (same per-device
     batch, so the same per-device program). With 4 devices in one process XLA:CPU compiles the
@@ -116,6 +100,7 @@ def test_same_images_for_every_layout(layouts):
     assert not list(layouts.glob(f'*/{io.TMP_PREFIX}*'))
 
 
+@pytest.mark.slow
 def test_summary_counts_devices_and_hosts(layouts):
     import json
     for name, devices, hosts in (('1dev', 1, 1), ('4dev', 4, 1), ('2x2', 4, 2)):

@@ -2,7 +2,6 @@
 independent and keyed, one fused pass over the stacked batch equals separate passes, and the math of
 attention_identity, skip and window against independent NumPy / per-tile computations. Few distinct
 programs are compiled: all kinds sit in one program and are switched per row by their strengths."""
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +14,7 @@ from edm2_jax import perturb as P
 from edm2_jax import rules as R
 from edm2_jax import sampling as S
 from edm2_jax.network import _apply
+from helpers import Recorded, numpy_heun, random_network, run_recorded
 
 CONFIG = EDM2Config(img_resolution=8, img_channels=2, label_dim=3, model_channels=16, channel_mult=(1, 2),
                     num_blocks=1, attn_resolutions=(4,), channels_per_head=16)
@@ -22,16 +22,6 @@ N = 6
 # XLA:CPU vectorises reductions differently for different batch sizes: the same row computed in a
 # batch of 6 and of 42 differs by float32 rounding (measured max |Δ| ≈ 1e-6 on D of magnitude ~1).
 FUSED_ATOL = 1e-5
-
-
-def random_network(config, seed):
-    """Random weights drawn with NumPy in the layout of `Network.init` (nothing compiled), gains
-    non-zero so every block matters."""
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(lambda k: Network.init(config, k).variables, jax.random.key(0))
-    variables = jax.tree.map(lambda v: jnp.asarray(rng.normal(size=v.shape) if v.ndim
-                                                   else rng.uniform(0.5, 1.5), v.dtype), shapes)
-    return Network(config, variables)
 
 
 def kinds(strengths):
@@ -215,48 +205,21 @@ def test_blur_matrix_and_shuffle_are_what_they_say():
 # ---------------------------------------------------------------------------------------------------
 # Guidance: a 3-term composition, counted; APG; presets; errors.
 
-CALLS = []
-
-
-@flax.struct.dataclass
-class Counted:
-    """A Network that logs (method, rows) of every pass it runs, at run time."""
-    net: object
-    name: str = flax.struct.field(pytree_node=False)
-
-    @property
-    def config(self):
-        return self.net.config
-
-    def _log(self, kind, rows):
-        jax.debug.callback(lambda: CALLS.append((kind, rows)), ordered=True)
-
-    def __call__(self, x, *args, **kwargs):
-        self._log(self.name, x.shape[0])
-        return self.net(x, *args, **kwargs)
-
-    def stacked(self, x, *args, copies, **kwargs):
-        self._log(self.name + '.stacked', copies * x.shape[0])
-        return self.net.stacked(x, *args, copies=copies, **kwargs)
-
-
 def test_three_terms_cost_what_they_should(setup):
     """in-situ + PAG (both the main network: ONE pass over 3N rows, the encoder prefix shared) +
     autoguidance (its own network: one pass over N rows), per evaluation; equal to one pass per term."""
-    net = Counted(setup[0], 'net')
-    gnet = Counted(random_network(CONFIG, seed=4), 'gnet')
+    net = Recorded(setup[0], 'net')
+    gnet = Recorded(random_network(CONFIG, seed=4), 'gnet')
     inputs = S.network_inputs(net, np.arange(4))
     terms = [M.term('insitu', 0.5, 0.1, blocks='decoder'), M.term('pag', 0.3, blocks='decoder'),
              M.term('autoguidance', 0.4, guide=gnet)]
     steps, outs = 2, {}
     for fusion in ('prefix', 'unfused'):
-        CALLS.clear()
-        outs[fusion] = np.asarray(S.sample(net, inputs.noise, inputs.class_labels, terms=terms,
-                                           fusion=fusion, num_steps=steps, keys=inputs.keys))
-        jax.effects_barrier()
-        outs[fusion + '_calls'] = list(CALLS)
+        outs[fusion], calls = run_recorded(lambda: S.sample(net, inputs.noise, inputs.class_labels, terms=terms,
+                                                            fusion=fusion, num_steps=steps, keys=inputs.keys))
+        outs[fusion + '_calls'] = [(name, rows) for name, _, rows in calls]
     n_evals = 2 * steps - 1
-    assert outs['prefix_calls'] == [('net.stacked', 12), ('gnet', 4)] * n_evals
+    assert outs['prefix_calls'] == [('net.stacked3', 4), ('gnet', 4)] * n_evals
     assert outs['unfused_calls'] == [('net', 4), ('net', 4), ('net', 4), ('gnet', 4)] * n_evals
     b = outs['unfused']
     assert np.abs(outs['prefix'] - b).max() <= 1e-4 * np.abs(b).max()
@@ -301,22 +264,16 @@ def test_apg_momentum_is_sampler_state():
     inputs = S.seed_inputs(np.arange(3), (4, 2))
     out = np.asarray(S.heun_sampler(denoise, inputs.noise, inputs.keys, num_steps=3, sigma_max=5.0))
     t = np.asarray(S.sigma_steps(3, sigma_max=5.0), np.float64)
-    x, run = np.asarray(inputs.noise, np.float64) * t[0], np.zeros((3, 4, 2))
+    run = np.zeros((3, 4, 2))
 
-    def D(x):
+    def D(x, sigma, step):
         nonlocal run
         dm, dg = 0.5 * x, 0.2 * x + 0.1
         run = (dm - dg) + -0.5 * run
         u = dm / np.sqrt((dm ** 2).sum(axis=(1, 2), keepdims=True))
         par = (run * u).sum(axis=(1, 2), keepdims=True) * u
         return dm + (run - par)
-    for i in range(3):
-        d = (x - D(x)) / t[i]
-        x_next = x + (t[i + 1] - t[i]) * d
-        if i < 2:
-            x_next = x + (t[i + 1] - t[i]) * (d + (x_next - D(x_next)) / t[i + 1]) / 2
-        x = x_next
-    np.testing.assert_allclose(out, x, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out, numpy_heun(D, inputs.noise, t), rtol=1e-4, atol=1e-5)
     linear = np.asarray(S.heun_sampler(G.guide_with(main, [guide], [1.0]), inputs.noise, inputs.keys,
                                        num_steps=3, sigma_max=5.0))
     assert np.abs(out - linear).max() > 1e-3

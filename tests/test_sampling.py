@@ -1,50 +1,13 @@
 """EDM2's Heun sampler: against the official sampler (tests/reference/sampler_tiny.npz), against an
 independent NumPy implementation with an analytic denoiser, seeds → inputs, and argument errors."""
-from typing import Any
-
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import nchw_to_nhwc, nhwc_to_nchw, torch_params
 from convert.torch_names import torch_to_network
 from edm2_jax import sampling as S
-
-CALLS = []   # (name, σ, batch) of every network evaluation, in execution order
-TRACES = []  # one entry per traced network call (grows only when something is compiled)
-
-
-@flax.struct.dataclass
-class Recorded:
-    """A Network that logs each evaluation it runs (a debug callback, so at run time and in order)."""
-    net: Any
-    name: str = flax.struct.field(pytree_node=False)
-
-    @property
-    def config(self):
-        return self.net.config
-
-    def _log(self, kind, x, sigma):
-        TRACES.append(kind)
-        n = x.shape[0]
-        jax.debug.callback(lambda s: CALLS.append((kind, float(s), n)), sigma, ordered=True)
-
-    def __call__(self, x, sigma, class_labels=None, **kwargs):
-        self._log(self.name, x, sigma)
-        return self.net(x, sigma, class_labels, **kwargs)
-
-    def stacked(self, x, sigma, class_labels=None, *, copies, **kwargs):
-        self._log(f'{self.name}.stacked{copies}', x, sigma)
-        return self.net.stacked(x, sigma, class_labels, copies=copies, **kwargs)
-
-
-def run_recorded(fn):
-    CALLS.clear()
-    out = np.asarray(fn())
-    jax.effects_barrier()
-    return out, list(CALLS)
+from helpers import Recorded, nchw_to_nhwc, nhwc_to_nchw, numpy_heun, run_recorded, torch_params
 
 
 @pytest.fixture(scope='session')
@@ -88,20 +51,8 @@ def gaussian_denoise(x, sigma, step, keys):
 
 
 def numpy_edm_sampler(noise, t, eps=None, gammas=None):
-    """Plain float64 loop written from spec §3.1; eps[i] is the churn noise of step i."""
-    x = noise.astype(np.float64) * t[0]
-    n = len(t) - 1
-    for i in range(n):
-        t_cur, t_next = t[i], t[i + 1]
-        gamma = 0.0 if gammas is None else gammas[i]
-        t_hat = t_cur + gamma * t_cur
-        x_hat = x + np.sqrt(t_hat ** 2 - t_cur ** 2) * eps[i] if gamma > 0 else x
-        d = (x_hat - x_hat * SD ** 2 / (SD ** 2 + t_hat ** 2)) / t_hat
-        x = x_hat + (t_next - t_hat) * d
-        if i < n - 1:
-            d2 = (x - x * SD ** 2 / (SD ** 2 + t_next ** 2)) / t_next
-            x = x_hat + (t_next - t_hat) * (d + d2) / 2
-    return x
+    """The NumPy Heun loop on the exact Gaussian denoiser."""
+    return numpy_heun(lambda x, sigma, i: x * SD ** 2 / (SD ** 2 + sigma ** 2), noise, t, eps, gammas)
 
 
 def test_heun_loop_matches_numpy_and_exact_ode():

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import random_network
+from helpers import random_network
 
 CONFIG = dict(img_resolution=16, img_channels=1, label_dim=10, model_channels=8, channel_mult=(1, 2),
               num_blocks=1, attn_resolutions=(8,), channels_per_head=8)
@@ -73,6 +73,7 @@ def t_steps(n, lo=0.002, hi=80.0, rho=7.0):
     return (hi ** (1 / rho) + i / (n - 1) * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
 
 
+@pytest.mark.slow
 def test_results_structure_and_protocol(study_run):
     out, res = study_run
     methods = res['models']['main']
@@ -125,6 +126,7 @@ def tuned_report(entry):
     return tuned_entry(entry)['report']
 
 
+@pytest.mark.slow
 def test_seed_sets_and_files(study_run):
     out, res = study_run
     files = sorted((out / 'runs' / 'main').rglob('*.json'))
@@ -165,6 +167,7 @@ def test_grid_edges():
     assert report.grid_edges(entry(grid[0], grid[:5])) == []                  # not a product grid
 
 
+@pytest.mark.slow
 def test_nfe_closed_form(study_run):
     _, res = study_run
     m = res['models']['main']
@@ -173,6 +176,7 @@ def test_nfe_closed_form(study_run):
     assert all(e['nfe_per_image'] == 2 * base for e in m['insitu'].values())
 
 
+@pytest.mark.slow
 def test_rerun_skips_everything(study_run, nets, monkeypatch):
     from edm2_jax.study import runner
     out, res = study_run
@@ -188,6 +192,7 @@ def test_rerun_skips_everything(study_run, nets, monkeypatch):
     assert again['models'] == res['models'] and again['data'] == res['data']
 
 
+@pytest.mark.slow
 def test_resume_recomputes_only_missing(study_run, nets, scorer):
     out, res = study_run
     path = out / 'runs' / 'main' / 'none' / 'default' / 'report1.json'
@@ -238,6 +243,7 @@ def test_every_quick_method_is_accepted_by_the_sampler():
     assert set(SM.skipped_methods(bare)) == {'cfg', 'cfg-interval', 'autoguidance', 'hybrid', 'pag'}
 
 
+@pytest.mark.slow
 def test_network_resolution_and_bad_input(tmp_path):
     from edm2_jax.study.protocol import check_protocol
     from edm2_jax.study.runner import tuned_index

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import torch_params
+from helpers import torch_params
 from convert.torch_names import (check_shapes, infer_config, network_to_torch, path_to_torch,
                                  torch_shapes, torch_to_network, torch_to_path)
 from edm2_jax import PRESETS, EDM2Config
@@ -64,6 +64,7 @@ def test_shape_errors_are_listed_together(tiny_cond):
         infer_config({'foo': (1,)})
 
 
+@pytest.mark.slow
 def test_mapping_needs_no_torch():
     code = ('import sys; sys.modules["torch"] = None; import convert.torch_names, convert.edm2; '
             'print("torch" in sys.modules and sys.modules["torch"] is not None)')

@@ -27,12 +27,14 @@ def quick_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_outputs_written(quick_run):
     for name in ('figure.png', 'metrics.json', 'metrics.md', 'run.json'):
         assert (quick_run / name).stat().st_size > 0
     assert sorted(p.name for p in (quick_run / 'models').iterdir()) == ['ag-seed0', 'cfg-seed0', 'main-seed0']
 
 
+@pytest.mark.slow
 def test_table_shape(quick_run):
     table = json.loads((quick_run / 'metrics.json').read_text())
     expected = {'exact', 'exact_ode', 'none', 'cfg w=3', 'autoguidance w=2', 'in-situ p=0.05 w=2',
@@ -46,6 +48,7 @@ def test_table_shape(quick_run):
         assert f'| {method} |' in md
 
 
+@pytest.mark.slow
 def test_metric_sanity(quick_run):
     t = json.loads((quick_run / 'metrics.json').read_text())
     ex, ode, none, cfg = t['exact'], t['exact_ode'], t['none'], t['cfg w=3']
@@ -63,6 +66,35 @@ def test_metric_sanity(quick_run):
     assert cfg['wrong_class'] <= none['wrong_class']
 
 
+def numpy_log_density(mix, x):
+    """log p(x) of a Gaussian mixture in float64 NumPy (weights, means, covariances of each component)."""
+    w, mu, cov = (np.asarray(a, np.float64) for a in (mix.weights, mix.means, mix.covs))
+    d = np.asarray(x, np.float64)[:, None, :] - mu[None]
+    q = np.einsum('nki,kij,nkj->nk', d, np.linalg.inv(cov), d)
+    log_terms = np.log(w) - np.log(2 * np.pi) - 0.5 * np.log(np.linalg.det(cov)) - 0.5 * q
+    top = log_terms.max(axis=1)
+    return top + np.log(np.exp(log_terms - top[:, None]).sum(axis=1))
+
+
+@pytest.mark.slow
+def test_exact_row_matches_an_independent_density(quick_run):
+    """The 'exact' row (sample seed 1: exact samples drawn with fold_in(key(1), 2)): its log-density
+    metrics recomputed here with a float64 NumPy mixture density and the run's outlier threshold τ."""
+    from edm2_jax.toy import fractal as mixture_lib
+    t = json.loads((quick_run / 'metrics.json').read_text())['exact']
+    tau = json.loads((quick_run / 'run.json').read_text())['tau']
+    n = 2048
+    exact = np.asarray(mixture_lib.sample(mixture_lib.mixture('A'), jax.random.fold_in(jax.random.key(1), 2), n))
+    logp_a = numpy_log_density(mixture_lib.mixture('A'), exact)
+    logp_b = numpy_log_density(mixture_lib.mixture('B'), exact)
+    assert abs(t['logp_median'] - np.median(logp_a)) < 1e-4
+    # float32 vs float64 densities may flip a sample sitting on a threshold: at most one of 2048
+    assert abs(t['outlier'] - np.mean(logp_a < tau)) <= 1 / n
+    assert abs(t['wrong_class'] - np.mean(logp_b > logp_a)) <= 1 / n
+    assert 0 < np.mean(logp_a < tau) < 0.03  # τ is (about) the 1 % quantile of exact samples
+
+
+@pytest.mark.slow
 def test_run_info(quick_run):
     info = json.loads((quick_run / 'run.json').read_text())
     assert abs(info['tau'] - (-1.84)) < 0.06

@@ -10,6 +10,7 @@ from edm2_jax.toy import metrics, methods
 from edm2_jax.toy import fractal as M
 from edm2_jax.toy import model as T
 from edm2_jax.toy import train
+from helpers import toy_trained_like
 
 denoise = jax.jit(T.denoise, static_argnums=1)
 log_density = jax.jit(T.log_density, static_argnums=1)
@@ -30,15 +31,10 @@ def test_initial_model_is_gaussian_score():
                                rtol=1e-5, atol=1e-6)
 
 
-def _trained_like(c, key):
-    p = T.init(c, key)
-    return {**p, 'gain': jnp.float32(0.7)}
-
-
 @pytest.mark.parametrize('readout', ['energy', 'denoiser'])
 def test_dropout_semantics(readout):
     c = T.ToyConfig(16, readout=readout)
-    p = _trained_like(c, jax.random.key(0))
+    p = toy_trained_like(c, 0)
     x = jax.random.normal(jax.random.key(1), (6, 2)) * 0.5
     s = jnp.full((6,), 0.3)
     keys = jax.random.split(jax.random.key(2), 6)
@@ -59,7 +55,7 @@ def test_dropout_semantics(readout):
 def test_energy_dropout_mask_fixed_under_differentiation():
     """With dropout, D = x + σ² ∇ₓ log p̂ for the SAME masks (finite differences of the energy)."""
     c = T.ToyConfig(16)
-    p = _trained_like(c, jax.random.key(3))
+    p = toy_trained_like(c, 3)
     x = jnp.array([[0.2, 0.4], [0.7, 1.0]])
     s = jnp.array([0.1, 0.4])
     keys = jax.random.split(jax.random.key(4), 2)
@@ -161,8 +157,8 @@ def test_exact_ode_reproduces_exact_samples(start):
 def test_guided_sampling_and_trajectory(start):
     noise, keys = start
     c = T.ToyConfig(8)
-    models = {'main': methods.Model(_trained_like(c, jax.random.key(0)), c),
-              'ag': methods.Model(_trained_like(c, jax.random.key(1)), c)}
+    models = {'main': methods.Model(toy_trained_like(c, 0), c),
+              'ag': methods.Model(toy_trained_like(c, 1), c)}
     n = 32
     m = methods.Method('mix', registry.terms('autoguidance', 1.0, guide='ag') + registry.terms('insitu', 0.5, 0.1))
     t = methods.time_steps(num_steps=8)

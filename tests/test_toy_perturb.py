@@ -10,14 +10,11 @@ from edm2_jax import Term
 from edm2_jax import perturb as P
 from edm2_jax.toy import methods
 from edm2_jax.toy import model as T
+from helpers import toy_trained_like
 
 denoise = jax.jit(T.denoise, static_argnums=1)
 log_density = jax.jit(T.log_density, static_argnums=1)
 N = 6
-
-
-def trained_like(c, seed):
-    return {**T.init(c, jax.random.key(seed)), 'gain': jnp.float32(0.7)}
 
 
 @pytest.fixture(scope='module', params=['energy', 'denoiser'])
@@ -26,7 +23,7 @@ def setup(request):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(N, 2)) * 0.5, jnp.float32)
     s = jnp.asarray(rng.uniform(0.05, 2.0, N), jnp.float32)
-    return c, trained_like(c, 0), x, s
+    return c, toy_trained_like(c, 0), x, s
 
 
 def np_features(params, c, x, sigma, skip=()):
@@ -118,7 +115,7 @@ def test_zero_strength_guidance_is_a_no_op():
     """Guide = the main model with an empty skip set or δ = 0: D_main − D_guide = 0 exactly, so the
     sampled points equal the unguided ones bit for bit, whatever w."""
     c = T.ToyConfig(8)
-    models = {'main': methods.Model(trained_like(c, 0), c)}
+    models = {'main': methods.Model(toy_trained_like(c, 0), c)}
     noise, keys = methods.start_points(jax.random.key(0), 32)
     t = methods.time_steps(num_steps=6)
     none = np.asarray(methods.sample(methods.Method('none'), models, noise, keys, t))
@@ -132,7 +129,7 @@ def test_zero_strength_guidance_is_a_no_op():
 
 def test_errors():
     c = T.ToyConfig(8)
-    p = trained_like(c, 0)
+    p = toy_trained_like(c, 0)
     x, s = jnp.zeros((2, 2)), 0.5
     for pert, match in [(P.attention_identity(), 'supports'), (P.skip(4), r'\[4\] do not exist'),
                         (P.skip(0), r'\[0\] do not exist'), (P.skip('decoder'), "'all' or indices"),

@@ -80,6 +80,7 @@ def cli_run(files):
     return run
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(cli_run):
     log = [json.loads(line) for line in (cli_run / 'training_log.jsonl').read_text().splitlines()]
     assert [rec['step'] for rec in log] == [2, 4, 6, 8, 10]
@@ -98,11 +99,27 @@ def test_cli_end_to_end(cli_run):
         assert net.config == TINY.network
         x = np.zeros((2, 8, 8, 1), np.float32)
         assert np.isfinite(np.asarray(net(x, np.ones(2), np.eye(3, dtype=np.float32)[:2]))).all()
+    # The exports are the post-hoc EMA at the last snapshot time; σ_rel 0.05 and 0.10 being the tracked
+    # profiles, that reconstruction is the EMA the run tracked itself (an independent computation).
+    from edm2_jax.training import abstract_train_state
+    state, _ = train_state.latest_state(cli_run, abstract_train_state(TINY))
+    assert int(state.images_seen) == 80
+    recon = train_state.reconstruct_phema(cli_run, [0.05, 0.10])
+    exported = {s: jax.tree.leaves(checkpoint.load(cli_run / f'network-{s:.3f}').variables['params'])
+                for s in (0.05, 0.10)}
+    for s, leaves in exported.items():
+        _assert_identical(leaves, jax.tree.leaves(recon[s].variables['params']))
+        tracked = jax.tree.leaves(jax.device_get(state.ema.get(s)))
+        assert len(tracked) == len(leaves)
+        for a, b in zip(leaves, tracked):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert max(np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in zip(*exported.values())) > 1e-4
     # A finished run is not trained again.
     from experiments import train
     assert train.train(_settings(cli_run.parent, cli_run)) == done
 
 
+@pytest.mark.slow
 def test_kill_and_resume_match_uninterrupted(files, cli_run):
     from experiments import train
     whole = files / 'whole'
@@ -132,6 +149,7 @@ def test_kill_and_resume_match_uninterrupted(files, cli_run):
         _assert_identical(jax.tree.leaves(a), jax.tree.leaves(b))
 
 
+@pytest.mark.slow
 def test_other_configuration_is_refused(files, cli_run):
     from experiments import train
     before = sorted((p.name, p.stat().st_mtime_ns) for p in cli_run.rglob('*'))
@@ -149,6 +167,7 @@ def test_other_configuration_is_refused(files, cli_run):
         _settings(files, cli_run, export_std=['0.5'])
 
 
+@pytest.mark.slow
 def test_phema_cli(files, cli_run):
     out = files / 'phema'
     r = _cli('experiments.phema', f'--in={cli_run}', '--std=0.1,0.07', f'--out={out}')

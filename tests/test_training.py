@@ -1,7 +1,6 @@
 """EDM2 image training (edm2-spec §6, §6.1): loss, lr schedule, EMA β, forced weight normalisation
 against independent numpy/closed-form values; a tiny net that learns, resumes bit-identically, gives
 the same result on 2 simulated devices, and whose post-hoc EMA matches a directly tracked one."""
-import functools
 import json
 import os
 import subprocess
@@ -16,43 +15,9 @@ import pytest
 from edm2_jax import checkpoint
 from edm2_jax import train_state as S
 from edm2_jax import training as T
-from edm2_jax.config import EDM2Config
+from helpers import TRAIN_CFG as CFG, TRAIN_NET as NET, train_batch as batch, train_start_state as start_state
 
 ROOT = Path(__file__).resolve().parents[1]
-NET = EDM2Config(img_resolution=8, img_channels=1, label_dim=3, model_channels=8, channel_mult=(1, 2),
-                 num_blocks=1, attn_resolutions=(4,), channels_per_head=8, logvar_channels=8)
-CFG = T.TrainConfig(NET, batch_size=8, duration=8 * 400, lr_ref=0.01, lr_decay_images=8 * 100,
-                    lr_warmup_images=0, dropout=0.1, ema_sigma_rels=(0.05, 0.075, 0.10), snapshot_every=8 * 5,
-                    checkpoint_every=8 * 50, seed=3)
-
-
-def batch(step, fixed=False):
-    """A deterministic batch for `step`: 8 images in [-1, 1], one-hot labels, global example ids."""
-    rng = np.random.default_rng(0 if fixed else step + 1)
-    images = np.tanh(rng.normal(size=(8, 8, 8, 1)) + np.linspace(-1, 1, 8)[None, :, None, None]).astype(np.float32)
-    labels = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 8)]
-    ids = np.arange(8) + (0 if fixed else 8 * step)
-    return images, labels, ids
-
-
-@functools.partial(jax.jit, static_argnames='n_ema')
-def _with_gains(params, n_ema):
-    params = jax.tree_util.tree_map_with_path(
-        lambda p, v: jnp.full_like(v, 0.5) if p[-1].key.endswith('_gain') else v, params)
-    return params, tuple(jax.tree.map(lambda a: a + 0, params) for _ in range(n_ema))
-
-
-def start_state(cfg=CFG, mesh=None):
-    """The initial state with the zero-initialised gains set to 0.5, so that from the first step every
-    weight gets a gradient (a fresh EDM2 net outputs F = 0)."""
-    state = T.init_train_state(cfg, jax.random.key(0))
-    params, averages = _with_gains(state.params, n_ema=len(state.ema.averages))
-    state = state.replace(params=params, ema=state.ema._replace(averages=averages))
-    if mesh is not None:
-        state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    return state
-
-
 def run(state, steps, start=0, fixed=False, run_dir=None):
     """`steps` training steps from global step `start`; snapshots into run_dir when due."""
     step_fn = T.make_train_step(state.config)
@@ -77,7 +42,7 @@ _TWO_DEVICE_SCRIPT = r'''
 import json, sys
 import jax, numpy as np
 sys.path.insert(0, "tests")
-from test_training import CFG, batch, start_state
+from helpers import TRAIN_CFG as CFG, train_batch as batch, train_start_state as start_state
 from edm2_jax import parallel, training as T
 assert jax.device_count() == 2
 mesh = parallel.data_mesh()
@@ -118,8 +83,10 @@ def two_device_run(tmp_path_factory):
 
 
 @pytest.fixture(scope='module', autouse=True)
-def _start_two_device_run(two_device_run):
-    yield
+def _start_two_device_run(request):
+    """Starts the subprocess with the module's first test, if its test is selected (not under -m "not slow")."""
+    if any(item.name == 'test_two_devices_match_one_device' for item in request.session.items):
+        request.getfixturevalue('two_device_run')
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -297,6 +264,7 @@ def test_posthoc_reconstruction_matches_tracked_ema(tmp_path):
         S.reconstruct_phema(tmp_path, [0.075], t=1234)
 
 
+@pytest.mark.slow
 def test_two_devices_match_one_device(two_device_run):
     """3 steps on a 2-device mesh (batch sharded, shard_map + psum) vs one device. The per-example σ,
     noise and dropout are the same; only the sums over the batch are split differently, so the

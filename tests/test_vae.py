@@ -163,6 +163,7 @@ def test_bfloat16_close_to_float32(two_level):
     assert np.abs(out - two_level['ref']).max() <= 0.05 * scale
 
 
+@pytest.mark.slow
 def test_cli_converts(two_level, tmp_path):
     dst = tmp_path / 'cli'
     env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
