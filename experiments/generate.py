@@ -20,7 +20,6 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
 from absl import app, flags
 
 from edm2_jax import generation, methods
@@ -134,19 +133,20 @@ def _check_checkpoint(path, name, preset):
 
 def _check_guidance(s):
     """The guidance term checked against the networks' configs (blocks, strength range, window,
-    guide shape and labels) before any weights are read."""
+    guide shape and labels) before any weights are read — and before JAX starts (multi-host runs
+    initialise jax.distributed first)."""
     import types
     from edm2_jax import checkpoint, denoiser, sampling
     if s['method'] == 'none':
         return
 
-    def stub(path):
-        return None if path is None else types.SimpleNamespace(
-            config=checkpoint.network_config(path, checkpoint.read_meta(path)))
+    def config(path):
+        return checkpoint.network_config(path, checkpoint.read_meta(path))
+    guide = None if s['gnet'] is None else types.SimpleNamespace(config=config(s['gnet']))
     try:
-        terms = sampling.guidance_terms(s['method'], s['guidance'], s['strength'], guide=stub(s['gnet']),
+        terms = sampling.guidance_terms(s['method'], s['guidance'], s['strength'], guide=guide,
                                         blocks=s['blocks'], window=s['window'])
-        denoiser.prepare_terms(stub(s['net']), terms, np.float32)
+        denoiser.check_terms(config(s['net']), terms)
     except (TypeError, ValueError) as e:
         raise UserError(str(e), where=f"--method={s['method']}") from None
 
