@@ -61,14 +61,9 @@ def _prepare(net, i, t, dtype):
                           for p in P.resolve(target.config, t.perturbations))
     for p in perturbations:
         P.check_values(p.kind, G.concrete_values(p.strength))
-    if t.rule is not None and not isinstance(t.rule, R.RULES):
-        raise TypeError(f'rule of term {i} must be None (linear) or one of edm2_jax.rules '
-                        f'{[r.__name__ for r in R.RULES]}')
-    if t.rule is not None:
-        t.rule.check()
     if t.interval is not None and not isinstance(t.interval, G.Interval):
         raise TypeError(f'interval of term {i} must be a guidance.Interval')
-    rule = None if t.rule is None else jax.tree.map(lambda v: jnp.asarray(v, dtype), t.rule)
+    rule = R.prepared(t.rule, dtype, f'rule of term {i}')
     return t.replace(weight=G.cast_value(t.weight, dtype), perturbation=perturbations or None, rule=rule)
 
 

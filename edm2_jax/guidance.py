@@ -249,12 +249,13 @@ def separately(main: Denoiser, *guides: Denoiser) -> Callable:
 
 
 def guide_with(main: Denoiser, guides: Sequence[Denoiser], weights: Sequence[Any],
-               interval: Interval | None = None, intervals: Sequence[Any] | None = None) -> Denoiser:
-    """The guided denoiser of independent denoisers (e.g. the toy's main and guide MLPs); `intervals`:
-    one per term (None or an `Interval`), outside which that guide is not run."""
+               interval: Interval | None = None, intervals: Sequence[Any] | None = None,
+               rules: Sequence[Any] | None = None) -> Denoiser:
+    """The guided denoiser of independent denoisers (e.g. the toy's main and guide MLPs); `intervals`
+    and `rules`: one per term (None or an `Interval`; None or a rule), as in `guided`."""
     if len(guides) != len(weights):
         raise ValueError(f'{len(guides)} guides but {len(weights)} weights')
-    return guided(main, separately(main, *guides), weights, interval, intervals=intervals)
+    return guided(main, separately(main, *guides), weights, interval, intervals=intervals, rules=rules)
 
 
 

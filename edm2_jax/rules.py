@@ -219,3 +219,14 @@ def _inside(bounds, sigma):
 BY_NAME = {'apg': APG, 'rescale': Rescale, 'zero-star': ZeroStar, 'tangential': Tangential,
            'frequency': FrequencyDecoupled}
 RULES = tuple(BY_NAME.values())
+
+
+def prepared(rule, dtype, where='rule'):
+    """The rule checked (type and values) with its numbers as arrays of `dtype` (stable jit cache
+    keys); None stays None (the linear rule)."""
+    if rule is None:
+        return None
+    if not isinstance(rule, RULES):
+        raise TypeError(f'{where} must be None (linear) or one of edm2_jax.rules {[r.__name__ for r in RULES]}')
+    rule.check()
+    return jax.tree.map(lambda v: jnp.asarray(v, dtype), rule)

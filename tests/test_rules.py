@@ -229,3 +229,26 @@ def test_fractions_follow_diffusers():
                 assert got == [int(start * n) <= i < int(stop * n) for i in range(n)], (n, start, stop)
     with pytest.raises(ValueError, match='0 <= start <= stop <= 1'):
         G.Interval.fractions(0.5, 1.2, 10)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The toy: its terms' rules pass through `guidance.guide_with`.
+
+def test_toy_cfg_with_rules():
+    import jax
+    from edm2_jax.toy import methods as toy
+    from edm2_jax.toy import model as T
+    from test_toy_perturb import trained_like
+    c = T.ToyConfig(8)
+    models = {'main': toy.Model(trained_like(c, 0), c), 'cfg': toy.Model(trained_like(c, 1), c)}
+    noise, keys = toy.start_points(jax.random.key(0), 32)
+    t = toy.time_steps(num_steps=6)
+
+    def run(rule):
+        # the cfg model as a guide ('autoguidance' term: methods' 'cfg' entry expects a Network guide)
+        return np.asarray(toy.sample(toy.Method('cfg', M.terms('autoguidance', 2.0, guide='cfg', rule=rule)),
+                                     models, noise, keys, t))
+    plain = run(None)
+    np.testing.assert_array_equal(run(R.Rescale(0.0)), plain)
+    assert np.abs(run(R.Rescale(0.7)) - plain).max() > 1e-3
+    np.testing.assert_array_equal(run(R.ZeroStar(zero_init_steps=6)), np.asarray(noise * t[0]))
