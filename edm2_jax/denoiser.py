@@ -66,11 +66,9 @@ def _check(main, i, t):
         raise ValueError(f'guidance weight of term {i} must be finite, got {weights}')
     for p in P.resolve(main if t.guide is None else t.guide.config, t.perturbations):
         P.check_values(p.kind, G.concrete_values(p.strength))
-    if t.rule is not None and not isinstance(t.rule, R.RULES):
-        raise TypeError(f'rule of term {i} must be None (linear) or one of edm2_jax.rules '
-                        f'{[r.__name__ for r in R.RULES]}')
     if t.interval is not None and not isinstance(t.interval, G.Interval):
         raise TypeError(f'interval of term {i} must be a guidance.Interval')
+    R.check(t.rule, f'rule of term {i}')
 
 
 def _prepare(net, i, t, dtype):
@@ -79,7 +77,7 @@ def _prepare(net, i, t, dtype):
     target = net if t.guide is None else t.guide
     perturbations = tuple(p.replace(strength=G.cast_value(p.strength, F32))
                           for p in P.resolve(target.config, t.perturbations))
-    rule = None if t.rule is None else jax.tree.map(lambda v: jnp.asarray(v, dtype), t.rule)
+    rule = R.prepared(t.rule, dtype, f'rule of term {i}')
     return t.replace(weight=G.cast_value(t.weight, dtype), perturbation=perturbations or None, rule=rule)
 
 
