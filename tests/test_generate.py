@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,19 +14,9 @@ import pytest
 from edm2_jax import checkpoint, generation, io
 from edm2_jax.config import EDM2Config
 from edm2_jax.errors import UserError
-from helpers import write_tiny_checkpoint
+from helpers import ROOT, cpu_env, generate_cmd, write_tiny_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _cmd(*args):
-    return [sys.executable, '-m', 'experiments.generate', *args]
-
-
-def _env(**extra):
-    env = dict(os.environ, JAX_PLATFORMS='cpu', **extra)
-    env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0').strip()
-    return env
+_cmd, _env = generate_cmd, cpu_env
 
 
 def config_only_checkpoint(net, label_dim=0):

@@ -8,16 +8,18 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import random_network
+from edm2_jax import EDM2Config
+from helpers import ROOT, cpu_env, generate_cmd, random_network, write_tiny_checkpoint
 from edm2_jax import guidance as G
 from edm2_jax import guidance_config as C
 from edm2_jax import methods as M
 from edm2_jax import rules as R
 from edm2_jax import sampling as S
 from edm2_jax.errors import UserError
-from test_perturb import CONFIG  # 8×8, attention at 4×4: PAG has maps to replace
 
 STEPS = 4
+CONFIG = EDM2Config(img_resolution=8, img_channels=2, label_dim=3, model_channels=16, channel_mult=(1, 2),
+                    num_blocks=1, attn_resolutions=(4,), channels_per_head=16)  # PAG has maps at 4×4
 COMPOSITE = {'terms': [
     {'method': 'insitu', 'w': {'linear': {'sigmas': [0.1, 10.0], 'values': [0.2, 0.8]}},
      'strength': {'constant': {'sigmas': [1.0], 'values': [0.05, 0.2]}}, 'blocks': 'decoder'},
@@ -108,8 +110,7 @@ def test_unreadable_file_is_one_error(tmp_path):
 def test_generate_from_a_config_equals_the_flags(tmp_path):
     """The same images from --guidance_config as from --method flags; run.json and summary.json hold
     the configuration; bad combinations fail before loading (one line)."""
-    from test_generate import ROOT, _cmd, _env
-    from test_parallel import write_tiny_checkpoint
+    _cmd, _env = generate_cmd, cpu_env
     net = write_tiny_checkpoint(tmp_path / 'net')
     config = {'terms': [{'method': 'insitu', 'w': 1.0, 'strength': 0.1, 'blocks': 'decoder',
                          'rule': {'name': 'zero-star', 'zero_init_steps': 1}}]}

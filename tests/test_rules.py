@@ -10,8 +10,7 @@ from edm2_jax import guidance as G
 from edm2_jax import methods as M
 from edm2_jax import rules as R
 from edm2_jax import sampling as S
-from test_guidance import STEPS, assert_close, batch, nets  # noqa: F401 (fixtures)
-from test_sampling import TRACES
+from helpers import STEPS, TRACES, assert_close
 
 SHAPE = (3, 4, 6, 2)  # N, H, W, C
 
@@ -238,7 +237,7 @@ def test_toy_cfg_with_rules():
     import jax
     from edm2_jax.toy import methods as toy
     from edm2_jax.toy import model as T
-    from test_toy_perturb import trained_like
+    from helpers import toy_trained_like as trained_like
     c = T.ToyConfig(8)
     models = {'main': toy.Model(trained_like(c, 0), c), 'cfg': toy.Model(trained_like(c, 1), c)}
     noise, keys = toy.start_points(jax.random.key(0), 32)
