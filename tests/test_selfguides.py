@@ -195,3 +195,46 @@ def test_method_options():
         M.term('insitu', 1.0, 0.1, k=2)
     with pytest.raises(ValueError, match='no option bands'):
         M.term('insitu-avg', 1.0, 0.1, bands=(1.0,))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The toy: the same terms through toy.methods.
+
+@pytest.fixture(scope='module')
+def toy():
+    from edm2_jax.toy import methods as TM
+    from edm2_jax.toy import model as TMod
+    from helpers import toy_trained_like
+    c = TMod.ToyConfig(16)
+    models = {'main': TM.Model(toy_trained_like(c, 0), c)}
+    noise, keys = TM.start_points(jax.random.key(0), 64)
+    return TM, models, noise, keys, TM.time_steps(num_steps=6)
+
+
+def toy_run(toy, method, **options):
+    TM, models, noise, keys, t = toy
+    return np.asarray(TM.sample(TM.Method(method, M.terms(method, 2.0, 0.1, **options)), models, noise, keys, t))
+
+
+def test_toy_averaged_with_k_1_is_insitu_and_k_2_differs(toy):
+    insitu = toy_run(toy, 'insitu')
+    np.testing.assert_array_equal(toy_run(toy, 'insitu-avg', k=1), insitu)
+    for options in (dict(k=2), dict(k=2, antithetic=True)):
+        out = toy_run(toy, 'insitu-avg', **options)
+        assert np.all(np.isfinite(out)) and np.abs(out - insitu).max() > 1e-4
+
+
+def test_toy_frozen_guide_is_one_mask_per_sample(toy):
+    TM, models, noise, keys, _ = toy
+    m = models['main']
+    frozen = TM._model_denoiser(m.config, m.params, (P.dropout(jnp.float32(0.3)),), ((), 1, False), keys)
+    fresh = TM._model_denoiser(m.config, m.params, (P.dropout(jnp.float32(0.3)),))
+    x, sigma = noise * 0.5, jnp.float32(0.5)
+    at = lambda d, step: np.asarray(d(x, sigma, step, G.fold_keys(G.fold_keys(keys, step), 0)))  # noqa: E731
+    np.testing.assert_array_equal(at(frozen, 1), at(frozen, 4))
+    assert np.abs(at(fresh, 1) - at(fresh, 4)).max() > 1e-4
+    two = TM._model_denoiser(m.config, m.params, (P.dropout(jnp.float32(0.3)),), ((), 1, False), keys[:2])
+    same_x = np.asarray(two(jnp.repeat(x[:1], 2, 0), sigma, 0, keys[:2]))
+    assert np.abs(same_x[0] - same_x[1]).max() > 1e-5  # different samples, different masks
+    out = toy_run(toy, 'insitu-frozen')
+    assert np.all(np.isfinite(out)) and np.abs(out - toy_run(toy, 'insitu')).max() > 1e-4
