@@ -68,7 +68,9 @@ def _prepare(net, i, t, dtype):
         raise TypeError(f'interval of term {i} must be a guidance.Interval')
     check_draws(t, perturbations, f'term {i}')
     rule = None if t.rule is None else jax.tree.map(lambda v: jnp.asarray(v, dtype), t.rule)
-    return t.replace(weight=G.cast_value(t.weight, dtype), perturbation=perturbations or None, rule=rule)
+    frozen = None if t.frozen is None else tuple(float(e) for e in t.frozen)  # hashable: static
+    return t.replace(weight=G.cast_value(t.weight, dtype), perturbation=perturbations or None, rule=rule,
+                     frozen=frozen)
 
 
 def check_draws(t: G.Term, perturbations, name: str) -> None:

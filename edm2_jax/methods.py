@@ -247,4 +247,5 @@ def describe(name: str) -> dict[str, Any]:
     """The registry entry as plain values (for summaries and the docs' method table)."""
     m = get(name)
     return {'name': m.name, 'summary': m.summary, 'paper': m.paper, 'guide': m.guide,
-            'strength': m.strength, 'default': m.default, 'blocks': m.blocks}
+            'strength': m.strength, 'default': m.default, 'blocks': m.blocks,
+            'options': {name: default for name, default, _ in m.options}}
