@@ -37,10 +37,18 @@ def prepare_terms(net, terms: Sequence[G.Term], dtype) -> tuple[G.Term, ...]:
     return tuple(_prepare(net, i, t, dtype) for i, t in enumerate(terms))
 
 
-def _prepare(net, i, t, dtype):
+def check_terms(config, terms: Sequence[G.Term]) -> None:
+    """The checks of `prepare_terms` against the main network's config alone, without computing
+    anything (so a CLI can run them before JAX starts): guides' shapes and labels, block
+    selections, strength ranges, windows, rules, intervals."""
+    for i, t in enumerate(terms):
+        _check(config, i, t)
+
+
+def _check(main, i, t):
+    """ValueError/TypeError for a term that cannot apply to a main network of config `main`."""
     if not isinstance(t, G.Term):
         raise TypeError(f'guidance term {i} must be a guidance.Term, got {type(t).__name__}')
-    main = net.config
     if t.guide is not None:
         g = t.guide.config
         if (g.img_resolution, g.img_channels) != (main.img_resolution, main.img_channels):
@@ -56,18 +64,22 @@ def _prepare(net, i, t, dtype):
     weights = G.concrete_values(t.weight)
     if weights is not None and not np.all(np.isfinite(weights)):
         raise ValueError(f'guidance weight of term {i} must be finite, got {weights}')
+    perturbations = P.resolve(main if t.guide is None else t.guide.config, t.perturbations)
+    for p in perturbations:
+        P.check_values(p.kind, G.concrete_values(p.strength))
+    check_draws(t, perturbations, f'term {i}')
+    if t.interval is not None and not isinstance(t.interval, G.Interval):
+        raise TypeError(f'interval of term {i} must be a guidance.Interval')
+    R.check(t.rule, f'rule of term {i}')
+
+
+def _prepare(net, i, t, dtype):
+    """The checked term with its numbers as arrays: weights in the sampler dtype, strengths float32."""
+    _check(net.config, i, t)
     target = net if t.guide is None else t.guide
     perturbations = tuple(p.replace(strength=G.cast_value(p.strength, F32))
                           for p in P.resolve(target.config, t.perturbations))
-    for p in perturbations:
-        P.check_values(p.kind, G.concrete_values(p.strength))
-    if t.rule is not None and not isinstance(t.rule, R.RULES):
-        raise TypeError(f'rule of term {i} must be None (linear) or one of edm2_jax.rules '
-                        f'{[r.__name__ for r in R.RULES]}')
-    if t.interval is not None and not isinstance(t.interval, G.Interval):
-        raise TypeError(f'interval of term {i} must be a guidance.Interval')
-    check_draws(t, perturbations, f'term {i}')
-    rule = None if t.rule is None else jax.tree.map(lambda v: jnp.asarray(v, dtype), t.rule)
+    rule = R.prepared(t.rule, dtype, f'rule of term {i}')
     frozen = None if t.frozen is None else tuple(float(e) for e in t.frozen)  # hashable: static
     return t.replace(weight=G.cast_value(t.weight, dtype), perturbation=perturbations or None, rule=rule,
                      frozen=frozen)
@@ -150,7 +162,8 @@ class Passes:
             for p in _strengths_at(self.terms[i], sigma, G.copy_offset(self.terms[i], j)):
                 perturbations.append(p.replace(strength=_on_rows(p.strength, 1 + b, k, n),
                                                offset=None if p.offset is None else
-                                               _on_rows(p.offset, 1 + b, k, n)))
+                                               _on_rows(p.offset, 1 + b, k, n),
+                                               rows=((1 + b) * n, (2 + b) * n)))
         if self.fusion == 'prefix' and not any(self.terms[i].null_label for i in subset):
             out = self.net.stacked(x.astype(F32), sigma.astype(F32), self.labels(self.net, n), copies=k,
                                    perturbation=perturbations or None, keys=keys).astype(self.dtype)

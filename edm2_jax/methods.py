@@ -50,7 +50,7 @@ class Method:
 
 
 def _cfg(w, guide):
-    if guide is not None and guide.config.label_dim != 0:
+    if getattr(guide, 'config', None) is not None and guide.config.label_dim != 0:  # (the toy names its guides)
         raise ValueError('the CFG guide must be unconditional (label_dim 0); use autoguidance for a '
                          'conditional guide')
     return G.Term(w, guide, null_label=guide is None)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from edm2_jax import checkpoint, io
 from edm2_jax import guidance as G
 from edm2_jax import methods as registry
+from edm2_jax import rules
 from edm2_jax.toy import metrics as metrics_lib
 from edm2_jax.toy import fractal as mixture_lib
 from edm2_jax.toy import plot as plot_lib
@@ -70,6 +71,11 @@ INSITU_P_SCHEDULE = G.Schedule.linear([0.05, 1.0], [0.02, 0.1])  # declared befo
 def cfg(w, interval=None):
     name = f'cfg w={w:g}' if interval is None else f'cfg-interval w={w:g} ({interval[0]:g},{interval[1]:g}]'
     return Method(name, registry.terms('cfg', w, guide='cfg'), interval)
+
+
+def cfg_rule(w, name, rule):
+    """CFG on the cfg model under a rule (edm2_jax.rules), e.g. CFG rescale or CFG-Zero*."""
+    return Method(f'{name} w={w:g}', registry.terms('cfg', w, guide='cfg', rule=rule))
 
 
 def ag(w):
@@ -129,7 +135,9 @@ def default_methods():
             + [sigma_shift(w, d) for d in SHIFT_DELTAS for w in (1.0, 2.0)]
             + [insitu_frozen(w, p) for p in (0.05, 0.1) for w in (1.0, 2.0)]
             + [insitu_avg(2.0, p, k) for p in (0.05, 0.1) for k in (2, 4)] + [insitu_avg(2.0, 0.05, 2, True)]
-            + [hybrid(2.0, 0.05, 'ag'), two_term(1.0, 1.0, 0.05, 'ag'), insitu_schedule(2.0)])
+            + [hybrid(2.0, 0.05, 'ag'), two_term(1.0, 1.0, 0.05, 'ag'), insitu_schedule(2.0)]
+            + [cfg_rule(3.0, 'cfg-rescale φ=0.7', rules.Rescale(0.7)),
+               cfg_rule(3.0, 'cfg-zero* zero-init 1', rules.ZeroStar(zero_init_steps=1))])
 
 
 def quick_methods():
