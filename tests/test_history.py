@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 from convert import raw_snapshots
-from convert.torch_names import network_to_torch
+from convert.torch_names import network_to_torch, precond_kwargs
 from edm2_jax import EDM2Config, checkpoint, ema, train_state
 from edm2_jax import methods as M
 from edm2_jax import sampling as S
 from edm2_jax.ema import PowerEMA
 from edm2_jax.errors import UserError
 from edm2_jax.training import EDM2State, TrainConfig
-from edm2_pickle_fixture import precond_kwargs, write_edm2_pickle
+from edm2_pickle_fixture import write_edm2_pickle
 from experiments import phema
 from helpers import random_network
 
