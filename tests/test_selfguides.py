@@ -238,3 +238,18 @@ def test_toy_frozen_guide_is_one_mask_per_sample(toy):
     assert np.abs(same_x[0] - same_x[1]).max() > 1e-5  # different samples, different masks
     out = toy_run(toy, 'insitu-frozen')
     assert np.all(np.isfinite(out)) and np.abs(out - toy_run(toy, 'insitu')).max() > 1e-4
+
+
+def test_guidance_config_carries_the_method_options():
+    from edm2_jax import guidance_config as C
+    from edm2_jax.errors import UserError
+    config = C.parse({'terms': [
+        {'method': 'insitu-avg', 'w': 1.0, 'strength': 0.1, 'options': {'k': 4, 'antithetic': True}},
+        {'method': 'insitu-frozen', 'w': 0.5, 'strength': 0.05, 'options': {'bands': [1.0]}}]})
+    assert C.build(config, {}, STEPS) == (G.Term(1.0, perturbation=P.dropout(0.1), average=4, antithetic=True),
+                                          G.Term(0.5, perturbation=P.dropout(0.05), frozen=(1.0,)))
+    for term, message in [({'method': 'insitu', 'options': {'k': 2}}, 'takes no options'),
+                          ({'method': 'insitu-avg', 'options': {'m': 2}}, "unknown key 'm'"),
+                          ({'method': 'insitu-avg', 'options': {'k': 'two'}}, 'a bool, a number')]:
+        with pytest.raises(UserError, match=message):
+            C.parse({'terms': [{'w': 1.0, 'strength': 0.1, **term}]})
