@@ -64,8 +64,10 @@ def _check(main, i, t):
     weights = G.concrete_values(t.weight)
     if weights is not None and not np.all(np.isfinite(weights)):
         raise ValueError(f'guidance weight of term {i} must be finite, got {weights}')
-    for p in P.resolve(main if t.guide is None else t.guide.config, t.perturbations):
+    perturbations = P.resolve(main if t.guide is None else t.guide.config, t.perturbations)
+    for p in perturbations:
         P.check_values(p.kind, G.concrete_values(p.strength))
+    check_draws(t, perturbations, f'term {i}')
     if t.interval is not None and not isinstance(t.interval, G.Interval):
         raise TypeError(f'interval of term {i} must be a guidance.Interval')
     R.check(t.rule, f'rule of term {i}')
@@ -78,7 +80,25 @@ def _prepare(net, i, t, dtype):
     perturbations = tuple(p.replace(strength=G.cast_value(p.strength, F32))
                           for p in P.resolve(target.config, t.perturbations))
     rule = R.prepared(t.rule, dtype, f'rule of term {i}')
-    return t.replace(weight=G.cast_value(t.weight, dtype), perturbation=perturbations or None, rule=rule)
+    frozen = None if t.frozen is None else tuple(float(e) for e in t.frozen)  # hashable: static
+    return t.replace(weight=G.cast_value(t.weight, dtype), perturbation=perturbations or None, rule=rule,
+                     frozen=frozen)
+
+
+def check_draws(t: G.Term, perturbations, name: str) -> None:
+    """A frozen, averaged or antithetic guide needs a random perturbation (antithetic: dropout)."""
+    if not isinstance(t.average, (int, np.integer)) or t.average < 1:
+        raise ValueError(f'{name}: average must be an integer >= 1, got {t.average!r}')
+    kinds = {p.kind for p in perturbations}
+    if (t.frozen is not None or t.average > 1) and not kinds & set(P.RANDOM_KINDS):
+        raise ValueError(f'{name}: a frozen or averaged guide needs a random perturbation (dropout, '
+                         f'token shuffle), got {sorted(kinds) or "none"}')
+    if t.antithetic and ('dropout' not in kinds or t.average < 2):
+        raise ValueError(f'{name}: antithetic masks need dropout and average >= 2')
+    if t.frozen is not None:
+        edges = np.asarray(t.frozen, np.float64)
+        if edges.ndim != 1 or not (np.all(edges > 0) and np.all(np.diff(edges) > 0)):
+            raise ValueError(f'{name}: frozen σ band edges must be positive and increasing, got {t.frozen}')
 
 
 def needs_keys(terms: Sequence[G.Term]) -> bool:
@@ -101,6 +121,7 @@ class Passes:
     terms: tuple
     fusion: str
     dtype: Any
+    sample_keys: Any = None  # per-sample keys, constant along the trajectory (frozen guides)
 
     @property
     def shared(self) -> list[int]:
@@ -125,19 +146,24 @@ class Passes:
         """D of term i's guide, in a pass of its own."""
         t = self.terms[i]
         network = self.net if t.shared else t.guide
-        return self.run(network, x, sigma, self.labels(network, x.shape[0], t.null_label),
-                        _strengths_at(t, sigma), keys)
+        labels = self.labels(network, x.shape[0], t.null_label)
+        return G.averaged(lambda k, offset: self.run(network, x, sigma, labels,
+                                                     _strengths_at(t, sigma, offset), k), t, keys)
 
     def stacked(self, subset, x, sigma, keys_of):
-        """[D_main, D_i for i in subset] from one pass over [x; x; …]; each term's perturbations act
-        on its own rows (strength 0 elsewhere)."""
-        n, k = x.shape[0], 1 + len(subset)
-        keys = jnp.concatenate([keys_of[subset[0]]] + [keys_of[i] for i in subset])  # main rows: unused
+        """[D_main, D_i for i in subset] from one pass over [x; x; …]; each draw of each term's guide
+        (one, or `average`) has its own rows, where its perturbations act (strength 0 elsewhere)."""
+        draws = [(i, j) for i in subset for j in range(self.terms[i].average)]
+        n, k = x.shape[0], 1 + len(draws)
+        keys = jnp.concatenate([keys_of[subset[0]]] +  # main rows: unused
+                               [G.copy_keys(self.terms[i], keys_of[i], j) for i, j in draws])
         perturbations = []
-        for j, i in enumerate(subset):
-            for p in _strengths_at(self.terms[i], sigma):
-                rows = jnp.zeros((k, n), F32).at[1 + j].set(jnp.broadcast_to(p.strength, (n,)))
-                perturbations.append(p.replace(strength=rows.reshape(-1), rows=((1 + j) * n, (2 + j) * n)))
+        for b, (i, j) in enumerate(draws):
+            for p in _strengths_at(self.terms[i], sigma, G.copy_offset(self.terms[i], j)):
+                perturbations.append(p.replace(strength=_on_rows(p.strength, 1 + b, k, n),
+                                               offset=None if p.offset is None else
+                                               _on_rows(p.offset, 1 + b, k, n),
+                                               rows=((1 + b) * n, (2 + b) * n)))
         if self.fusion == 'prefix' and not any(self.terms[i].null_label for i in subset):
             out = self.net.stacked(x.astype(F32), sigma.astype(F32), self.labels(self.net, n), copies=k,
                                    perturbation=perturbations or None, keys=keys).astype(self.dtype)
@@ -145,9 +171,12 @@ class Passes:
             labels = self.labels(self.net, n)
             if labels is not None:
                 labels = jnp.concatenate([labels] + [self.labels(self.net, n, self.terms[i].null_label)
-                                                     for i in subset])
+                                                     for i, _ in draws])
             out = self.run(self.net, jnp.concatenate([x] * k), sigma, labels, perturbations, keys)
-        return [out[j * n:(j + 1) * n] for j in range(k)]
+        outs = [out[b * n:(b + 1) * n] for b in range(k)]
+        mine = {i: [outs[1 + b] for b, (m, _) in enumerate(draws) if m == i] for i in subset}
+        return [outs[0]] + [d[0] if len(d) == 1 else functools.reduce(jnp.add, d) / len(d)
+                            for d in mine.values()]
 
     def fused(self, subset, x, sigma, step, keys_of):
         """D_main and D_i of every shared term (zeros for those not in `subset`), in one pass."""
@@ -178,7 +207,8 @@ class Passes:
         """(D_main, [D_i]) for `guidance.guided`; inactive terms' passes are skipped."""
         terms, shared = self.terms, self.shared
         active = active or (None,) * len(terms)
-        keys_of = [G.fold_keys(keys, i) for i in range(len(terms))]  # term i's own stream
+        keys_of = [G.guide_keys(t, i, keys, self.sample_keys, sigma)  # term i's own stream
+                   for i, t in enumerate(terms)]
         d = [None] * len(terms)
         if self.fusion == 'unfused' or not shared:
             d_main = self.main(x, sigma, step, keys)
@@ -194,19 +224,26 @@ class Passes:
         return d_main, d
 
 
-def _strengths_at(t, sigma):
-    """The term's perturbations with strengths evaluated at σ."""
-    return tuple(p.replace(strength=G.value_at(p.strength, sigma, F32)) for p in t.perturbations)
+def _strengths_at(t, sigma, offset=None):
+    """The term's perturbations with strengths evaluated at σ (dropout shifted by `offset`)."""
+    return tuple(p.replace(strength=G.value_at(p.strength, sigma, F32),
+                           offset=offset if p.kind == 'dropout' else None) for p in t.perturbations)
+
+
+def _on_rows(value, block, k, n):
+    """[k·N]: `value` (scalar or [N]) on rows block·N … (block + 1)·N − 1, zeros elsewhere."""
+    return jnp.zeros((k, n), F32).at[block].set(jnp.broadcast_to(value, (n,))).reshape(-1)
 
 
 def edm2_denoiser(net, class_labels, terms: Sequence[G.Term], *, interval: G.Interval | None = None,
-                  fusion: str = 'prefix', dtype=jnp.float32) -> G.Denoiser:
+                  fusion: str = 'prefix', dtype=jnp.float32, sample_keys=None) -> G.Denoiser:
     """The guided denoiser of an EDM2 `Network` (terms from `prepare_terms`).
 
     fusion: 'prefix' — the main pass and every shared term in one pass over [x; x; …], the modules
     before the first perturbed one run once on N rows (not when a term uses the null label or
     sigma_shift: then as 'fused'); 'fused' — the same pass without the shared prefix; 'unfused' — one
-    pass per term. Networks compute in float32; D is cast to `dtype`.
+    pass per term. Networks compute in float32; D is cast to `dtype`. sample_keys: the sampler's
+    per-sample keys [N] (constant along the trajectory), needed by frozen guides.
 
     Per-term intervals skip real work: a pass of its own runs only while its term is active
     (`lax.cond`), and the fused pass is specialised to the active terms (`Passes.fused_active`).
@@ -215,7 +252,7 @@ def edm2_denoiser(net, class_labels, terms: Sequence[G.Term], *, interval: G.Int
     """
     if fusion not in FUSIONS:
         raise ValueError(f'fusion must be one of {FUSIONS}, got {fusion!r}')
-    passes = Passes(net, class_labels, tuple(terms), fusion, dtype)
+    passes = Passes(net, class_labels, tuple(terms), fusion, dtype, sample_keys)
     if not passes.terms:
         return passes.main
     return G.guided(passes.main, passes.evaluate_all, [t.weight for t in passes.terms], interval,

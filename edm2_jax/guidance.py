@@ -35,6 +35,38 @@ def fold_keys(keys, data):
     return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, data)
 
 
+FROZEN = 1 << 30  # fold-in tag of the frozen streams (above any step index)
+
+
+def guide_keys(t, i: int, keys, sample_keys, sigma):
+    """The keys of term i's guide at one evaluation: fold_in(keys, i), fresh per evaluation; with
+    t.frozen, fold_in(fold_in(sample_keys, FROZEN + band), i) with band the index of σ among the
+    edges: the same at every evaluation of a sample within a band."""
+    if t.frozen is None:
+        return fold_keys(keys, i)
+    if sample_keys is None:
+        raise ValueError('a frozen guide needs the per-sample keys (sample_keys=) of the sampler')
+    band = jnp.searchsorted(jnp.asarray(t.frozen, sigma.dtype), sigma) if t.frozen else 0
+    return fold_keys(fold_keys(sample_keys, FROZEN + band), i)
+
+
+def copy_keys(t, keys, j: int):
+    """Keys of draw j of an averaged guide: draw 0 has the guide's own keys (so average = 1 is the
+    plain guide), draw j ≥ 1 fold_in(keys, j) — or, antithetic, the shared keys."""
+    return keys if j == 0 or t.antithetic else fold_keys(keys, j)
+
+
+def copy_offset(t, j: int):
+    """The dropout offset of draw j (None: unshifted)."""
+    return j / t.average if t.antithetic and j else None
+
+
+def averaged(draw: Callable, t, keys):
+    """The mean of draw(keys_j, offset_j) over the term's draws (draw 0 alone when average = 1)."""
+    outs = [draw(copy_keys(t, keys, j), copy_offset(t, j)) for j in range(t.average)]
+    return outs[0] if len(outs) == 1 else functools.reduce(jnp.add, outs) / len(outs)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Values that depend on σ.
 
@@ -272,6 +304,12 @@ class Term:
     perturbation: None or `perturb.Perturbation`(s) that degrade the guide (strength: number, array
     or Schedule of σ). interval: None or an `Interval` for this term alone. rule: None (linear) or a
     rule of `edm2_jax.rules`.
+
+    How a random guide (dropout, token shuffle) draws its randomness (static, see `guide_keys`):
+    frozen: None — fresh at every evaluation; a tuple of σ edges — drawn once per sample and kept
+    for the whole trajectory (() ) or within each σ band between the edges, so the guide is one
+    consistent perturbed network. average: the guide is the mean of this many draws. antithetic:
+    the draws share one key, dropout copy j shifted by j/average (`perturb.dropout`'s offset).
     """
     weight: Any
     guide: Any = None
@@ -279,6 +317,9 @@ class Term:
     perturbation: Any = None
     interval: Any = None
     rule: Any = None
+    frozen: Any = flax.struct.field(pytree_node=False, default=None)
+    average: int = flax.struct.field(pytree_node=False, default=1)
+    antithetic: bool = flax.struct.field(pytree_node=False, default=False)
 
     @property
     def shared(self) -> bool:

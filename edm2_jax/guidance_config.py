@@ -13,7 +13,8 @@ A term: `method` (a name of `edm2_jax.methods`), `w` (the weight, EDM2's g − 1
 [...]}} (`guidance.Schedule`); `guide`: a role ("gnet") the caller resolves to a network; `blocks`
 (a string or a list, `perturb.select_blocks` spellings); `window` [size, stride]; `interval`:
 {"sigmas": [lo, hi]} | {"steps": [start, stop]} | {"fractions": [start, stop]} (`guidance.Interval`);
-`rule`: {"name": one of `rules.BY_NAME`, its parameters by field name}. Parsing is strict: an unknown
+`rule`: {"name": one of `rules.BY_NAME`, its parameters by field name}; `options`: the method's own
+(`methods.Method.options`, e.g. {"k": 4, "antithetic": true} for insitu-avg). Parsing is strict: an unknown
 key or a bad value is one `UserError` naming its key path (e.g. `terms[2].rule.phi`).
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from edm2_jax import methods
 from edm2_jax import rules as R
 from edm2_jax.errors import UserError
 
-TERM_KEYS = ('method', 'w', 'strength', 'guide', 'blocks', 'window', 'interval', 'rule')
+TERM_KEYS = ('method', 'w', 'strength', 'guide', 'blocks', 'window', 'interval', 'rule', 'options')
 INTERVALS = ('sigmas', 'steps', 'fractions')
 SCHEDULES = ('linear', 'constant')
 
@@ -84,11 +85,29 @@ def _term(t, path, source):
                                 blocks=out.get('blocks'), window=out.get('window'))
     except ValueError as e:
         raise UserError(str(e), where=f'{source}: {path}') from None
+    if 'options' in t:
+        out['options'] = _options(t['options'], methods.get(t['method']), f'{path}.options', source)
     if 'interval' in t:
         out['interval'] = _interval(t['interval'], f'{path}.interval', source)
     if 'rule' in t:
         out['rule'] = _rule(t['rule'], f'{path}.rule', source)
     return out
+
+
+def _options(v, method, path, source):
+    """A method's own options: an object of its option names, each a bool, a number or a list of
+    numbers (their ranges are checked where the term is built)."""
+    own = [o[0] for o in method.options]
+    if not own:
+        raise UserError(f'method {method.name!r} takes no options', where=f'{source}: {path}')
+    _keys(v, own, source, path)
+    for key, value in v.items():
+        plain = isinstance(value, (bool, int, float)) or (
+            isinstance(value, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value))
+        if not plain:
+            raise UserError(f'must be a bool, a number or a list of numbers, got {json.dumps(value)}',
+                            where=f'{source}: {path}.{key}')
+    return dict(v)
 
 
 def _number(v, where, inf=False, integer=False):
@@ -193,7 +212,7 @@ def build(config: dict, guides: Mapping[str, Any], num_steps: int) -> tuple[G.Te
     for t in config['terms']:
         term = methods.term(t['method'], _weight(t['w']), _weight(t.get('strength')),
                             guide=guides[t['guide']] if 'guide' in t else None, blocks=t.get('blocks'),
-                            window=None if 'window' not in t else tuple(t['window']))
+                            window=None if 'window' not in t else tuple(t['window']), **t.get('options', {}))
         if 'interval' in t:
             (kind, bounds), = t['interval'].items()
             term = term.replace(interval=_make_interval(kind, bounds, num_steps))

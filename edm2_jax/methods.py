@@ -5,9 +5,10 @@ Each `Method` names its guide (none, the main network itself, a separate network
 own strength (e.g. the dropout rate p of in-situ guidance) with its default, whether it takes a
 block selection, its paper and cost, and makes a `guidance.Term` with one argument order:
 
-    methods.term(name, w, strength=None, *, guide=None, blocks=None, window=None)
+    methods.term(name, w, strength=None, *, guide=None, blocks=None, window=None, **options)
 
-w is the guidance weight (EDM2's g = 1 + w). Adding a method is one entry here (plus its
+w is the guidance weight (EDM2's g = 1 + w); options are a method's own (`Method.options`, e.g. the
+number of dropout passes averaged by 'insitu-avg'). Adding a method is one entry here (plus its
 perturbation in `edm2_jax.perturb`, if it needs a new one).
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Method:
     blocks: bool = False             # takes a block selection (`perturb.select_blocks` spellings)
     window: bool = False             # takes window=(size, stride)
     random: bool = False             # draws random numbers (needs per-sample keys)
+    options: tuple = ()              # (name, default, meaning) of the method's own keyword options
 
     def help(self) -> str:
         parts = [f'{self.name}: {self.summary}']
@@ -43,6 +45,7 @@ class Method:
             parts.append(f'strength = {self.strength} ({need})')
         if self.blocks:
             parts.append('takes blocks')
+        parts += [f'{name} = {meaning} (default {default!r})' for name, default, meaning in self.options]
         return '; '.join(parts)
 
 
@@ -58,6 +61,17 @@ def _self(kind_maker):
     return lambda w, s, guide, blocks, window: G.Term(w, perturbation=kind_maker(s, blocks, window))
 
 
+def _insitu(**draws):
+    """make() of in-situ guidance with the guide's randomness drawn as `draws` (guidance.Term)."""
+    return lambda w, s, guide, blocks, window, **o: G.Term(w, perturbation=P.dropout(s, blocks),
+                                                          **{k: f(o) for k, f in draws.items()})
+
+
+def _edges(bands):
+    """σ band edges of a frozen guide: () (one mask per sample) or increasing σ values."""
+    return () if bands is None else tuple(float(b) for b in np.atleast_1d(bands))
+
+
 REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method('none', 'no guidance', '', 'none', lambda w, s, guide, blocks, window: None),
     Method('cfg', 'an unconditional guide network, or the main network with the null label',
@@ -67,6 +81,16 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method('insitu', 'the main network with dropout p in its residual branches',
            'in-situ autoguidance', 'self', _self(lambda s, b, _: P.dropout(s, b)),
            strength='dropout rate p in [0, 1)', blocks=True, random=True),
+    Method('insitu-frozen', 'the main network with one dropout mask per sample, kept along the '
+           'trajectory (or per σ band): one consistent thinned sub-network', 'frozen-mask in-situ', 'self',
+           _insitu(frozen=lambda o: _edges(o['bands'])), strength='dropout rate p in [0, 1)', blocks=True,
+           random=True, options=(('bands', None, 'σ edges between which a new mask is drawn'),)),
+    Method('insitu-avg', 'the mean of k dropout passes of the main network (cost k guide passes)',
+           'averaged in-situ', 'self',
+           _insitu(average=lambda o: o['k'], antithetic=lambda o: o['antithetic']),
+           strength='dropout rate p in [0, 1)', blocks=True, random=True,
+           options=(('k', 2, 'dropout passes averaged'),
+                    ('antithetic', False, 'copy j shifts the shared draw by j/k (disjoint drops, p <= 1/k)'))),
     Method('hybrid', 'a guide network with dropout p in its residual branches', 'autoguidance + in-situ',
            'network', lambda w, s, guide, blocks, window: G.Term(w, guide, perturbation=P.dropout(s, blocks)),
            strength='dropout rate p in [0, 1)', blocks=True, random=True),
@@ -86,6 +110,10 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
            'self', _self(lambda s, b, _: P.sigma_shift(s)), strength='δ > -1'),
     Method('swg', 'the main network on overlapping crops, averaged', 'Adaloglou et al. 2025 (M-SWG)',
            'self', _self(lambda s, b, window: P.window(*(window or (None, None)))), window=True),
+    Method('history', 'the same run at a much shorter EMA or an early snapshot (experiments.phema '
+           'exports it, from a run or NVIDIA\'s raw snapshots): autoguidance without a second run',
+           'self-guidance from the training history', 'network',
+           lambda w, s, guide, blocks, window: G.Term(w, guide)),
 )}
 NAMES = tuple(REGISTRY)
 
@@ -96,21 +124,27 @@ def get(name: str) -> Method:
     return REGISTRY[name]
 
 
-def term(name: str, w, strength=None, *, guide=None, blocks=None, window=None) -> G.Term | None:
+def term(name: str, w, strength=None, *, guide=None, blocks=None, window=None, **options) -> G.Term | None:
     """The guidance term of method `name` with weight w (a number, array or `guidance.Schedule`) and
-    the method's own strength (None: its default); None for 'none'. Raises ValueError for arguments
-    the method does not take."""
+    the method's own strength (None: its default) and options; None for 'none'. Raises ValueError for
+    arguments the method does not take."""
     m = get(name)
     check_arguments(m, strength=strength, guide=guide, blocks=blocks, window=window)
+    own = {o[0]: o[1] for o in m.options}
+    unknown = sorted(set(options) - set(own))
+    if unknown:
+        raise ValueError(f'method {m.name!r} takes no option {", ".join(unknown)}'
+                         + (f' (its options: {", ".join(own)})' if own else ''))
     if m.guide == 'none':
         return None
-    return m.make(w, m.default if strength is None else strength, guide, blocks, window)
+    chosen = {k: v for k, v in options.items() if v is not None}
+    return m.make(w, m.default if strength is None else strength, guide, blocks, window, **{**own, **chosen})
 
 
 def terms(name: str | None, w, strength=None, *, guide=None, blocks=None, window=None,
-          rule=None) -> tuple[G.Term, ...]:
+          rule=None, **options) -> tuple[G.Term, ...]:
     """`term` as a tuple (empty for 'none' or None), with an optional rule (e.g. `rules.APG`)."""
-    t = None if name is None else term(name, w, strength, guide=guide, blocks=blocks, window=window)
+    t = None if name is None else term(name, w, strength, guide=guide, blocks=blocks, window=window, **options)
     if t is None:
         if rule is not None:
             raise ValueError('a guidance rule needs a guidance method')
@@ -158,13 +192,14 @@ def help_text() -> str:
 
 def guide_cost(t: G.Term, config) -> float:
     """Network evaluations of a term's guide per guided evaluation, in full-image units: 1 for a
-    guide pass; for sliding windows the crops' total area over the image's."""
+    guide pass, k for the mean of k (`Term.average`); for sliding windows the crops' total area over
+    the image's."""
     for p in t.perturbations:
         if p.kind == 'window':
             size, stride = P.window_geometry(config, p.size, p.stride)
             crops = len(P.window_starts(config.img_resolution, size, stride)) ** 2
             return crops * (size / config.img_resolution) ** 2
-    return 1.0
+    return float(t.average)
 
 
 def evaluation_points(num_steps: int, sigma_min=0.002, sigma_max=80.0, rho=7.0):
@@ -212,4 +247,5 @@ def describe(name: str) -> dict[str, Any]:
     """The registry entry as plain values (for summaries and the docs' method table)."""
     m = get(name)
     return {'name': m.name, 'summary': m.summary, 'paper': m.paper, 'guide': m.guide,
-            'strength': m.strength, 'default': m.default, 'blocks': m.blocks}
+            'strength': m.strength, 'default': m.default, 'blocks': m.blocks,
+            'options': {name: default for name, default, _ in m.options}}

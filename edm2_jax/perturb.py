@@ -12,7 +12,9 @@ Kinds (`where`, the block selection of `select_blocks`: None = the kind's defaul
 'dec.RxR', or block names as in `config.block_specs`, torch or flax spelling; a comma-separated
 string or a sequence of any of these):
 - `dropout(p)`: inverted dropout with rate p in the residual branch of the blocks (in-situ
-  autoguidance; the same mask stream as `Network(dropout_rate=...)`). Default: all blocks.
+  autoguidance; the same mask stream as `Network(dropout_rate=...)`). Default: all blocks. `offset`
+  (one per row, traced; None = 0) shifts the row's uniform draw u to (u + offset) mod 1: copies that
+  share a key and differ in offset by 1/k drop disjoint units for p ≤ 1/k (antithetic masks).
 - `skip`: the block outputs its resampled, projected input with the residual and attention branches
   removed (SLG / STG-R): encoder blocks `clip(normalize(conv_skip(resample(x))))`, decoder blocks
   `clip(conv_skip(resample(x)))` (x after the skip concatenation; conv_skip only where the widths
@@ -37,6 +39,7 @@ the noise level); the kinds' operations live here, so the network reads like EDM
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.struct
@@ -59,13 +62,14 @@ class Perturbation:
     """What, where, how much. `where` is static (a frozenset of block names after `resolve`);
     `strength` is a pytree leaf (traced); `size`/`stride` are the window's (static); `rows`: None, or
     the (start, stop) rows of a stacked batch outside which the strength is 0 (static: random kinds
-    then draw their numbers for those rows only)."""
+    then draw their numbers for those rows only); `offset` the dropout draw's shift (traced, None = 0)."""
     kind: str = flax.struct.field(pytree_node=False)
     strength: Any = 1.0
     where: Any = flax.struct.field(pytree_node=False, default=None)
     size: Any = flax.struct.field(pytree_node=False, default=None)
     stride: Any = flax.struct.field(pytree_node=False, default=None)
     rows: Any = flax.struct.field(pytree_node=False, default=None)
+    offset: Any = None
 
 
 def dropout(p, where=None) -> Perturbation:
@@ -225,7 +229,10 @@ def check_strengths(perturbations, n) -> tuple[Perturbation, ...]:
         s = jnp.asarray(p.strength, jnp.float32)
         if s.ndim > 1 or (s.ndim == 1 and s.shape[0] not in (1, n)):
             raise ValueError(f'{p.kind} strength must be a scalar or one per example ({n}), got {s.shape}')
-        out.append(p.replace(strength=jnp.broadcast_to(s.reshape(-1), (n,))))
+        p = p.replace(strength=jnp.broadcast_to(s.reshape(-1), (n,)))
+        if p.offset is not None:
+            p = p.replace(offset=jnp.broadcast_to(jnp.asarray(p.offset, jnp.float32).reshape(-1), (n,)))
+        out.append(p)
     return tuple(out)
 
 
@@ -314,8 +321,8 @@ _OPERATIONS = {
 def dropout_noise(config: EDM2Config, perturbations, keys) -> dict:
     """Uniform [0, 1) noise for the residual branch of every block a dropout perturbation touches,
     drawn in one call per example: one draw of Σ H·W·C numbers (then cut per block) compiles one RNG
-    kernel instead of one per block; row i's noise depends only on keys[i]. Rows outside every
-    dropout's `rows` draw nothing (their noise is 1: keep everything)."""
+    kernel instead of one per block; row i's noise depends only on keys[i] (and its offset). Rows
+    outside every dropout's `rows` draw nothing (their noise is 1: keep everything)."""
     drops = [p for p in perturbations if p.kind == 'dropout']
     blocks = frozenset().union(*(p.where for p in drops))
     if not blocks:
@@ -329,10 +336,22 @@ def dropout_noise(config: EDM2Config, perturbations, keys) -> dict:
         drawn[slice(*(p.rows or (0, n)))] = True
     rows = np.flatnonzero(drawn)
     uniform = jax.vmap(lambda k: jax.random.uniform(k, (sum(sizes),), jnp.float32))(keys[rows])
+    uniform = shifted(uniform, drops, rows)
     if len(rows) < n:
         uniform = jnp.ones((n, sum(sizes)), jnp.float32).at[rows].set(uniform)
     parts = jnp.split(uniform, np.cumsum(sizes)[:-1], axis=1)
     return {name: part.reshape((-1,) + shape) for (name, shape), part in zip(shapes.items(), parts)}
+
+
+def shifted(uniform, drops, drawn=None):
+    """uniform [N, ...] (or the rows `drawn` of the batch) shifted by the dropout perturbations'
+    offsets, (u + offset) mod 1 (their rows are disjoint, so the offsets add up); unchanged where
+    none has an offset."""
+    offsets = [p.offset for p in drops if p.offset is not None]
+    if not offsets:
+        return uniform
+    total = functools.reduce(jnp.add, offsets)
+    return jnp.mod(uniform + rows(total if drawn is None else total[drawn], uniform), 1.0)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -199,7 +199,8 @@ def _is_zero(v):
 
 @functools.partial(jax.jit, static_argnames=('fusion',))
 def _sample(net, noise, class_labels, keys, t_steps, terms, interval, churn, fusion):
-    denoise = edm2_denoiser(net, class_labels, terms, interval=interval, fusion=fusion, dtype=t_steps.dtype)
+    denoise = edm2_denoiser(net, class_labels, terms, interval=interval, fusion=fusion, dtype=t_steps.dtype,
+                            sample_keys=keys)
     return heun_loop(denoise, noise, keys, t_steps, churn)
 
 

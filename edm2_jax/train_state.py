@@ -219,12 +219,22 @@ def read_snapshot(path) -> tuple[dict, dict]:
     return variables, meta
 
 
-def reconstruct_phema(run_dir, sigma_rels: Sequence[float], t: int | None = None) -> dict[float, Network]:
+def read_snapshot_network(path) -> Network:
+    """The network of one of the run's snapshot files (numpy variables)."""
+    variables, meta = read_snapshot(path)
+    return Network(EDM2Config.from_dict(meta['network']), variables)
+
+
+def reconstruct_phema(run_dir, sigma_rels: Sequence[float], t: int | None = None, *,
+                      snapshots: Sequence[Snapshot] | None = None, load=read_snapshot_network
+                      ) -> dict[float, Network]:
     """Post-hoc EMA (edm2-spec §6.1): for each target σ_rel, θ* = Σ_i x_i θ_i over every snapshot with
     t_i ≤ T (both tracked profiles), x from `ema.posthoc_coefficients` (float64 least squares, columns
-    summing to 1). T (images) must be a snapshot time; default the latest. Buffers are copied.
+    summing to 1). T (images) must be a snapshot time; default the latest. Buffers and the config are
+    the last snapshot's. snapshots/load: another source (default the run's files, `list_snapshots`):
+    its `Snapshot`s and load(path) → Network, e.g. NVIDIA's raw snapshots (`convert.raw_snapshots`).
     """
-    snaps = list_snapshots(run_dir)
+    snaps = list_snapshots(run_dir) if snapshots is None else list(snapshots)
     if not snaps:
         raise FileNotFoundError(f'{run_dir}: no EMA snapshots in {Path(run_dir) / SNAPSHOT_DIR}')
     times = sorted({s.t for s in snaps})
@@ -237,15 +247,18 @@ def reconstruct_phema(run_dir, sigma_rels: Sequence[float], t: int | None = None
     used = [s for s in snaps if s.t <= T]
     coeffs = posthoc_coefficients([s.t for s in used], [s.sigma_rel for s in used], T, sigma_rels)
     sums: list[Any] = [None] * len(sigma_rels)
+    first = None
     for snap, x in zip(used, coeffs):
-        variables, meta = read_snapshot(snap.path)
+        net = load(snap.path)
+        first = first or net.config
+        if net.config != first:
+            raise UserError(f'the snapshots hold different networks ({net.config} vs {first})',
+                            where=str(snap.path), fix='give the snapshots of one training run')
         for k, xk in enumerate(x):
-            term = jax.tree.map(lambda a: xk * a.astype(np.float64), variables['params'])
+            term = jax.tree.map(lambda a: xk * np.asarray(a, np.float64), net.variables['params'])
             sums[k] = term if sums[k] is None else jax.tree.map(np.add, sums[k], term)
-    last, meta = read_snapshot(used[-1].path)
-    config = EDM2Config.from_dict(meta['network'])
-    return {s: Network(config, {'params': jax.tree.map(lambda a: np.asarray(a, np.float32), acc),
-                                'buffers': last['buffers']})
+    return {s: Network(net.config, {'params': jax.tree.map(lambda a: np.asarray(a, np.float32), acc),
+                                    'buffers': jax.tree.map(np.asarray, net.variables['buffers'])})
             for s, acc in zip(sigma_rels, sums)}
 
 
@@ -254,18 +267,21 @@ def network_dir_name(sigma_rel: float, t: int | None = None) -> str:
     return f'network-{sigma_rel:.3f}' if t is None else f'network-{t:012d}-{sigma_rel:.3f}'
 
 
-def export_posthoc(run_dir, targets: dict[float, Path], *, t: int | None = None, decoder: dict | None = None,
-                   overwrite: bool = False) -> dict[float, Path]:
+def export_posthoc(run_dir, targets: dict[float, Path], *, t: int | None = None, decoder=None,
+                   overwrite: bool = False, snapshots: Sequence[Snapshot] | None = None,
+                   load=read_snapshot_network) -> dict[float, Path]:
     """The one post-hoc EMA export: for each {σ_rel: directory} of `targets`, the reconstruction at
     snapshot time `t` (default the latest) written checkpoint.load-able, its source (run directory,
-    σ_rel, images seen) recorded. decoder: checkpoint meta, default {'type': 'rgb'} (pixel-space
-    training). Returns `targets`."""
-    snaps = list_snapshots(run_dir)
+    σ_rel, images seen) recorded. decoder: checkpoint meta (a dict or a DecoderSpec, or a function
+    of nothing that gives one after the snapshots are read), default {'type': 'rgb'} (pixel-space
+    training). snapshots/load: as `reconstruct_phema`. Returns `targets`."""
+    snaps = list_snapshots(run_dir) if snapshots is None else list(snapshots)
     if not snaps:
         raise UserError(f'no EMA snapshots in {Path(run_dir) / SNAPSHOT_DIR}', where=str(run_dir),
                         fix='give a run directory of experiments.train')
     T = max(s.t for s in snaps) if t is None else int(t)
-    nets = reconstruct_phema(run_dir, list(targets), T)
+    nets = reconstruct_phema(run_dir, list(targets), T, snapshots=snaps, load=load)
+    decoder = decoder() if callable(decoder) else decoder
     for sigma_rel, dst in targets.items():
         source = {'run_dir': str(Path(run_dir).absolute()), 'sigma_rel': float(sigma_rel), 'images_seen': T}
         checkpoint.save(dst, nets[float(sigma_rel)], source=source, decoder=decoder or {'type': 'rgb'},

@@ -5,6 +5,13 @@ r"""Post-hoc EMA reconstruction (edm2-spec §6.1): networks of any EMA length fr
 writes one checkpoint.load-able directory per σ_rel, `<out>/network-<σ_rel:.3f>` (with --time,
 `<out>/network-<time:012d>-<σ_rel:.3f>`), reconstructed at the latest snapshot time or at --time
 (images; must be a snapshot time) from every snapshot up to it.
+
+--in is a run directory of experiments.train or a folder of NVIDIA's EDM2 raw snapshots
+(`<name>-<kimg:07d>-<σ_rel:.3f>.pkl`, read with the restricted unpickler; `convert.raw_snapshots`).
+A guide from the training history (method 'history') is such an export at a much shorter σ_rel
+than the main network's, or at an early --time (e.g. 1/8 or 1/4 of the training):
+
+    python -m experiments.phema --in=raw/edm2-img512-s --std=0.025 --time=268435456 --out=guides
 """
 from __future__ import annotations
 
@@ -19,7 +26,8 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
     """The CLI flags (defined only when run as a script: importing the module defines none)."""
-    flags.DEFINE_string('in', None, 'Run directory of experiments.train (holding snapshots/).')
+    flags.DEFINE_string('in', None, 'Run directory of experiments.train (holding snapshots/), or a '
+                        'folder of NVIDIA\'s EDM2 raw-snapshot pickles.')
     flags.DEFINE_list('std', None, 'Target EMA lengths σ_rel, e.g. 0.07,0.12.')
     flags.DEFINE_integer('time', None, 'Reconstruct at this many training images (a snapshot time; '
                          'default the latest).')
@@ -43,20 +51,29 @@ def resolve_settings(f) -> dict:
         sigma_rel_to_gamma(s)  # ValueError names the valid range
     if not Path(run).is_dir():
         raise ValueError(f'--in {run} is not a directory')
+    from convert.raw_snapshots import list_raw_snapshots
+    raw = bool(list_raw_snapshots(run))
+    if raw and (Path(run) / 'snapshots').is_dir():
+        raise ValueError(f'--in {run} holds both a run\'s snapshots/ and NVIDIA raw snapshots; give one')
     from edm2_jax.train_state import network_dir_name
     out = Path(f.out)
     names = [out / network_dir_name(s, f.time) for s in stds]
     clash = [str(p) for p in names if p.exists()]
     if clash and not f.overwrite:
         raise ValueError(f'{", ".join(clash)} exist (pass --overwrite to replace)')
-    return dict(run=Path(run), stds=stds, time=f.time, out=out, overwrite=f.overwrite)
+    return dict(run=Path(run), stds=stds, time=f.time, out=out, overwrite=f.overwrite, raw=raw)
 
 
 def reconstruct(s: dict) -> dict[float, Path]:
     """Reconstructs every σ_rel of `s` and writes them; returns {σ_rel: directory}."""
     from edm2_jax import train_state
     targets = {s_rel: s['out'] / train_state.network_dir_name(s_rel, s['time']) for s_rel in s['stds']}
-    return train_state.export_posthoc(s['run'], targets, t=s['time'], overwrite=s['overwrite'])
+    if not s.get('raw'):
+        return train_state.export_posthoc(s['run'], targets, t=s['time'], overwrite=s['overwrite'])
+    from convert.raw_snapshots import RawSnapshots
+    raw = RawSnapshots(s['run'])
+    return train_state.export_posthoc(s['run'], targets, t=s['time'], overwrite=s['overwrite'],
+                                      snapshots=raw.snapshots, load=raw.load, decoder=lambda: raw.decoder)
 
 
 @cli_main('phema', catch=(ValueError, FileNotFoundError, FileExistsError))

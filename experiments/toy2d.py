@@ -86,6 +86,17 @@ def insitu(w, p, prefix='in-situ'):
     return Method(f'{prefix} p={p:g} w={w:g}', registry.terms('insitu', w, p))
 
 
+def insitu_frozen(w, p):
+    """In-situ with one dropout mask per sample, kept along the whole trajectory."""
+    return Method(f'in-situ-frozen p={p:g} w={w:g}', registry.terms('insitu-frozen', w, p))
+
+
+def insitu_avg(w, p, k, antithetic=False):
+    """The mean of k dropout passes as the guide; the name carries its cost, (1 + k) evaluations."""
+    name = f'in-situ-avg{"-anti" if antithetic else ""} k={k} p={p:g} w={w:g} (cost {1 + k}x)'
+    return Method(name, registry.terms('insitu-avg', w, p, k=k, antithetic=antithetic))
+
+
 def hybrid(w, p, guide):
     return Method(f'hybrid-{guide} p={p:g} w={w:g}', registry.terms('hybrid', w, p, guide=guide))
 
@@ -122,6 +133,8 @@ def default_methods():
             + [insitu(w, p) for p in (0.02, 0.05, 0.1) for w in (1.0, 2.0)]
             + [skip_layer(w, i) for i in SKIP_LAYERS for w in (1.0, 2.0)]
             + [sigma_shift(w, d) for d in SHIFT_DELTAS for w in (1.0, 2.0)]
+            + [insitu_frozen(w, p) for p in (0.05, 0.1) for w in (1.0, 2.0)]
+            + [insitu_avg(2.0, p, k) for p in (0.05, 0.1) for k in (2, 4)] + [insitu_avg(2.0, 0.05, 2, True)]
             + [hybrid(2.0, 0.05, 'ag'), two_term(1.0, 1.0, 0.05, 'ag'), insitu_schedule(2.0)]
             + [cfg_rule(3.0, 'cfg-rescale φ=0.7', rules.Rescale(0.7)),
                cfg_rule(3.0, 'cfg-zero* zero-init 1', rules.ZeroStar(zero_init_steps=1))])
@@ -129,7 +142,7 @@ def default_methods():
 
 def quick_methods():
     return [Method('none'), cfg(3.0), ag(2.0), insitu(2.0, 0.05), insitu(2.0, 0.1), skip_layer(2.0, 2),
-            sigma_shift(2.0, 0.25)]
+            sigma_shift(2.0, 0.25), insitu_frozen(2.0, 0.05), insitu_avg(2.0, 0.05, 2)]
 
 
 def full_methods():
@@ -143,6 +156,9 @@ def full_methods():
             out += [two_term(wc, wd, p, guide) for wc in (0.25, 0.5, 1.0) for wd in (0.25, 0.5, 1.0)]
             out += [hybrid(w, p, guide) for w in (1.0, 2.0)]
     out += [insitu_schedule(w) for w in (1.0, 2.0)]
+    out += [insitu_frozen(w, p) for p in (0.02, 0.05, 0.1) for w in (0.5, 1.0, 2.0)]
+    out += [insitu_avg(w, p, k, anti) for k in (2, 4) for anti in (False, True) for p in (0.05, 0.1)
+            for w in (1.0, 2.0)]
     out += [skip_layer(w, i) for i in SKIP_LAYERS for w in (0.25, 0.5, 1.0, 2.0)]
     out += [sigma_shift(w, d) for d in (0.05,) + SHIFT_DELTAS + (1.0,) for w in (0.25, 0.5, 1.0, 2.0)]
     return out

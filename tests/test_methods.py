@@ -32,8 +32,9 @@ def test_every_method_builds_its_term():
     assert M.term('tpg', 1.0) == Term(1.0, perturbation=P.token_shuffle(None, 1.0))
     assert M.term('sigma-shift', 1.0, 0.2) == Term(1.0, perturbation=P.sigma_shift(0.2))
     assert M.term('swg', 1.0, window=(4, 2)) == Term(1.0, perturbation=P.window(4, 2))
-    assert set(M.NAMES) == {'none', 'cfg', 'autoguidance', 'insitu', 'hybrid', 'pag', 'slg', 'seg', 'tpg',
-                            'sigma-shift', 'swg'}
+    assert M.term('history', 2.0, guide=guide) == Term(2.0, guide)
+    assert set(M.NAMES) == {'none', 'cfg', 'autoguidance', 'insitu', 'insitu-frozen', 'insitu-avg', 'hybrid',
+                            'pag', 'slg', 'seg', 'tpg', 'sigma-shift', 'swg', 'history'}
 
 
 @pytest.mark.parametrize('name, kwargs, message', [

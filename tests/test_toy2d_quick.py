@@ -38,7 +38,8 @@ def test_outputs_written(quick_run):
 def test_table_shape(quick_run):
     table = json.loads((quick_run / 'metrics.json').read_text())
     expected = {'exact', 'exact_ode', 'none', 'cfg w=3', 'autoguidance w=2', 'in-situ p=0.05 w=2',
-                'in-situ p=0.1 w=2', 'skip-layer l=2 w=2', 'sigma-shift δ=0.25 w=2'}
+                'in-situ p=0.1 w=2', 'skip-layer l=2 w=2', 'sigma-shift δ=0.25 w=2', 'in-situ-frozen p=0.05 w=2',
+                'in-situ-avg k=2 p=0.05 w=2 (cost 3x)'}
     assert set(table) == expected
     for method, row in table.items():
         assert tuple(row) == metrics_lib.METRICS, method

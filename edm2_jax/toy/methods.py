@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from edm2_jax import guidance as G
 from edm2_jax import rules as R
+from edm2_jax.denoiser import check_draws
 from edm2_jax import sampling
 from edm2_jax.toy import fractal as mixture_lib
 from edm2_jax.toy import model as model_lib
@@ -36,30 +37,43 @@ class Model(NamedTuple):
     config: model_lib.ToyConfig
 
 
-def _model_denoiser(config, params, perturbation=()):
-    def denoise(x, sigma, step, keys):
+def _model_denoiser(config, params, perturbation=(), draws=None, sample_keys=None, index=0):
+    """D of a model under `perturbation`; draws: the term's (frozen, average, antithetic) of
+    `guidance.Term` (index: the term's, for its frozen stream)."""
+    def once(x, sigma, keys, offset=None):
         kwargs = {}
         if perturbation:
             if any(p.kind == 'dropout' for p in perturbation):
                 kwargs['keys'] = keys
-            kwargs['perturbation'] = tuple(p.replace(strength=G.value_at(p.strength, sigma, jnp.float32))
-                                           for p in perturbation)
+            kwargs['perturbation'] = tuple(
+                p.replace(strength=G.value_at(p.strength, sigma, jnp.float32),
+                          offset=offset if p.kind == 'dropout' else None) for p in perturbation)
         return model_lib.denoise(params, config, x, sigma, **kwargs)
+
+    def denoise(x, sigma, step, keys):
+        if draws is None:
+            return once(x, sigma, keys)
+        t = G.Term(0.0, frozen=draws[0], average=draws[1], antithetic=draws[2])
+        if t.frozen is not None:
+            keys = G.guide_keys(t, index, keys, sample_keys, sigma)
+        return G.averaged(lambda k, offset: once(x, sigma, k, offset), t, keys)
     return denoise
 
 
-def _guided_denoiser(configs, params, weights, perturbations, interval, rules):
-    """configs/params: main first, then one per term; perturbations and rules one per term."""
+def _guided_denoiser(configs, params, weights, perturbations, interval, rules, draws=(), sample_keys=None):
+    """configs/params: main first, then one per term; perturbations, rules and draws one per term."""
     main = _model_denoiser(configs[0], params[0])
-    guides = [_model_denoiser(c, p, q) for c, p, q in zip(configs[1:], params[1:], perturbations)]
+    guides = [_model_denoiser(c, p, q, d, sample_keys, i)
+              for i, (c, p, q, d) in enumerate(zip(configs[1:], params[1:], perturbations, draws or
+                                                   (None,) * len(perturbations)))]
     if not guides:
         return main
     return G.guide_with(main, guides, list(weights), interval, rules=rules)
 
 
-@functools.partial(jax.jit, static_argnames=('configs', 'path'))
-def _run(params, noise, keys, weights, perturbations, interval, rules, t_steps, *, configs, path):
-    denoise = _guided_denoiser(configs, params, weights, perturbations, interval, rules)
+@functools.partial(jax.jit, static_argnames=('configs', 'draws', 'path'))
+def _run(params, noise, keys, weights, perturbations, interval, rules, t_steps, *, configs, draws, path):
+    denoise = _guided_denoiser(configs, params, weights, perturbations, interval, rules, draws, keys)
     return sampling.heun_loop(denoise, noise, keys, t_steps, return_trajectory=path)
 
 
@@ -79,7 +93,8 @@ def check_method(method: Method, models: dict[str, Model]):
         if t.guide is None and not t.perturbations:
             raise ValueError(f'{method.name}: the main model as its own guide needs a perturbation '
                              '(e.g. dropout)')
-        model_lib.resolve_perturbation(_model(models, t).config, t.perturbation)
+        perturbations = model_lib.resolve_perturbation(_model(models, t).config, t.perturbation)
+        check_draws(t, perturbations, method.name)
     if method.interval is not None and not 0 <= method.interval[0] < method.interval[1]:
         raise ValueError(f'{method.name}: interval needs 0 <= lo < hi, got {method.interval}')
 
@@ -99,7 +114,8 @@ def _inputs(method: Method, models: dict[str, Model]):
                           for c, t in zip(configs[1:], method.terms))
     interval = None if method.interval is None else G.Interval.sigmas(*method.interval)
     rules = tuple(R.prepared(t.rule, jnp.float32, f'{method.name}: rule') for t in method.terms)
-    return configs, params, weights, perturbations, interval, rules
+    draws = tuple((t.frozen, t.average, t.antithetic) for t in method.terms)
+    return configs, params, weights, perturbations, interval, rules, draws
 
 
 def time_steps(sigma_max: float = SIGMA_MAX, num_steps: int = NUM_STEPS):
@@ -120,6 +136,6 @@ def sample(method: Method, models: dict[str, Model], noise, keys, t_steps=None, 
     t_steps = time_steps() if t_steps is None else t_steps
     if method.name == 'exact_ode':
         return _run_exact(noise, t_steps, path=trajectory)
-    configs, params, weights, perturbations, interval, rules = _inputs(method, models)
+    configs, params, weights, perturbations, interval, rules, draws = _inputs(method, models)
     return _run(params, noise, keys, weights, perturbations, interval, rules, t_steps, configs=configs,
-                path=trajectory)
+                draws=draws, path=trajectory)

@@ -72,6 +72,14 @@ def _layer_keys(keys, layer):
     return jax.vmap(lambda k: jax.random.fold_in(k, layer))(keys)
 
 
+def _layer_noise(keys, layer, shape, drops):
+    """The layer's dropout keys, or its uniform draw shifted by the perturbation's offset."""
+    if all(p.offset is None for p in drops):
+        return _layer_keys(keys, layer)
+    uniform = jax.vmap(lambda k: jax.random.uniform(k, shape, jnp.float32))(_layer_keys(keys, layer))
+    return P.shifted(uniform, drops)
+
+
 def skippable_layers(config: ToyConfig) -> tuple[int, ...]:
     """The hidden layers a `skip` may remove: 1 … L−1 (width → width)."""
     return tuple(range(1, config.num_layers))
@@ -118,9 +126,9 @@ def resolve_perturbation(config: ToyConfig, perturbation) -> tuple[P.Perturbatio
 def _features(params, config, x, sigma, dropout_rate, keys, perturbations=()):
     """Last-layer output y [N, out] and the scaled input u (perturbations: resolved, strengths [N])."""
     drop = {i: dropout_rate for i in range(1, config.num_layers + 1)} if keys is not None else {}
-    for p in perturbations:
-        if p.kind == 'dropout':
-            drop = {i: p.strength for i in p.where}
+    drops = [p for p in perturbations if p.kind == 'dropout']
+    for p in drops:
+        drop = {i: p.strength for i in p.where}
     skips = [p for p in perturbations if p.kind == 'skip']
     u = x / jnp.sqrt(config.sigma_data ** 2 + jnp.square(sigma))[:, None]
     y = jnp.concatenate([u, (jnp.log(sigma) / 4)[:, None], jnp.ones_like(sigma)[:, None]], axis=1)
@@ -129,7 +137,7 @@ def _features(params, config, x, sigma, dropout_rate, keys, perturbations=()):
         if i > 0:
             y = mp_silu(y)
             if i in drop:
-                y = dropout(y, drop[i], _layer_keys(keys, i))
+                y = dropout(y, drop[i], _layer_noise(keys, i, y.shape[1:], drops))
         y = y @ (normalize(v, axis=0) / math.sqrt(v.shape[0]))
         for p in skips:
             if i in p.where:
