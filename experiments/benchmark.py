@@ -1,7 +1,7 @@
 """What guidance costs at sampling time: every method timed in one run on random-weight EDM2 networks.
 
     python -m experiments.benchmark --preset=img512-xs --batch=4 --steps=4 --out=out/bench.json
-    python -m experiments.benchmark --quick          # tiny custom network, two methods (seconds)
+    python -m experiments.benchmark --quick          # the tiny custom network, two methods (seconds)
 
 For each method (`--methods`): compile time (trace + lowering + XLA compile of the sampler, from JAX's
 compile events), seconds per image and per sampler step (median, min and max over `--repeats` timed
@@ -19,8 +19,7 @@ evaluation, so in-situ guidance at every evaluation makes 2(2S − 1) and a guid
 `--count=inline` counts in the timed runs instead (saves a compile per method on slow CPUs; the
 per-pass host callback is negligible there but not on accelerators).
 
-Networks have random standard-normal weights (cost does not depend on the values); they are built
-from the initialiser's shapes without compiling it.
+Networks are `Network.random` (cost does not depend on the values; nothing is compiled to make them).
 
 Methods: none, cfg, autoguidance, insitu-fused, insitu-unfused, insitu-prefix (dropout everywhere,
 prefix shared), insitu-decoder-prefix, insitu-decoder-fused, the self-guidance family pag, slg, seg, tpg,
@@ -49,6 +48,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from edm2_jax import EDM2Config, Network, backend, get_preset, guidance as G, io, methods, network_inputs, sample
 from edm2_jax.denoiser import edm2_denoiser, prepare_terms
+from edm2_jax.errors import cli_main
 from edm2_jax.sampling import guidance_terms
 
 FLAGS = flags.FLAGS
@@ -76,7 +76,8 @@ flags.DEFINE_enum('count', 'separate', ['separate', 'inline'],
                   'NFE counting: a separate run with counting networks (exact timings, one more compile per '
                   'method), or inline in the timed runs (one host callback per network pass; saves the '
                   'compile, negligible on CPU, not on accelerators)')
-flags.DEFINE_bool('quick', False, 'tiny run: custom network, batch 2, 2 steps, 1 repeat, none + insitu-fused')
+flags.DEFINE_bool('quick', False, 'tiny run: batch 2, 2 steps, 1 repeat, none + insitu-fused, on the custom '
+                  'network of the flags above (or on --preset if given; any flag given explicitly wins)')
 
 BASE_METHODS = {
     'none': dict(method='none'),
@@ -199,15 +200,6 @@ def machine() -> dict:
     return {'host': platform.node(), 'platform': platform.platform(), 'processor': platform.processor(),
             'cpu_count': os.cpu_count(), 'load_avg_1m_at_start': round(os.getloadavg()[0], 2),
             'devices': [d.device_kind for d in dev], **backend.describe()}
-
-
-def random_network(config, seed, dtype) -> Network:
-    """A Network of `config` with standard normal variables (the cost does not depend on the values),
-    made without compiling the initialiser (minutes on a shared CPU for the large presets)."""
-    abstract = jax.eval_shape(lambda key: Network.init(config, key, dtype=dtype), jax.random.key(seed))
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape, np.float32).astype(a.dtype)),
-                        abstract)
 
 
 def place(tree, mesh, spec):
@@ -359,6 +351,7 @@ def table(results) -> str:
     return '\n'.join([lines[0], '  '.join('-' * w for w in widths)] + lines[1:])
 
 
+@cli_main('benchmark', catch=(ValueError,))
 def main(argv):
     del argv
     if FLAGS.quick:  # defaults of a tiny run; flags given explicitly still win
@@ -386,11 +379,11 @@ def main(argv):
     mesh = jax.make_mesh((FLAGS.devices,), ('data',), devices=jax.devices()[:FLAGS.devices]) \
         if FLAGS.devices > 1 else None
     dtype = jnp.dtype(FLAGS.dtype)
-    net = place(random_network(config, 0, dtype), mesh, P())
+    net = place(Network.random(config, 0, dtype=dtype), mesh, P())
     guide = None
     if any(method_spec(m)[0]['method'] == 'autoguidance' for m in FLAGS.methods):
         guide_config = config.replace(model_channels=FLAGS.guide_channels or max(1, config.model_channels // 2))
-        guide = place(random_network(guide_config, 1, dtype), mesh, P())
+        guide = place(Network.random(guide_config, 1, dtype=dtype), mesh, P())
     inputs = network_inputs(net, np.arange(FLAGS.batch))
     inputs = type(inputs)(*(None if a is None else place(a, mesh, P('data')) for a in inputs))
 
