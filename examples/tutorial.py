@@ -19,7 +19,6 @@ What to change for EDM2-S on a GPU (ImageNet-512, a latent model):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
