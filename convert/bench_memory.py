@@ -23,7 +23,8 @@ from edm2_jax.config import get_preset
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / 'tests'))
-from edm2_pickle_fixture import precond_kwargs, state_dict_shapes, write_edm2_pickle  # noqa: E402
+from edm2_pickle_fixture import state_dict_shapes, write_edm2_pickle  # noqa: E402
+from convert.torch_names import precond_kwargs  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('preset', 'img512-s', 'Architecture of the synthetic checkpoint.')

@@ -154,3 +154,18 @@ def network_to_torch(net: Network) -> dict[str, np.ndarray]:
     flat = flax.traverse_util.flatten_dict(net.variables)
     return {path_to_torch(p): np.array(flax_to_torch_array(np.asarray(v)), order="C")
             for p, v in flat.items()}
+
+
+def precond_kwargs(config: EDM2Config) -> dict:
+    """The official Precond's constructor kwargs for `config`, as EDM2's training script passes them
+    (plus the fields that differ from their defaults)."""
+    kwargs = dict(img_resolution=config.img_resolution, img_channels=config.img_channels,
+                  label_dim=config.label_dim, model_channels=config.model_channels,
+                  dropout=config.dropout, use_fp16=True)
+    default = EDM2Config(config.img_resolution, config.img_channels)
+    for field in ('channel_mult', 'num_blocks', 'attn_resolutions', 'channels_per_head',
+                  'logvar_channels', 'channel_mult_noise', 'channel_mult_emb'):
+        if getattr(config, field) != getattr(default, field):
+            value = getattr(config, field)
+            kwargs[field] = list(value) if isinstance(value, tuple) else value
+    return kwargs

@@ -1,23 +1,19 @@
-"""Checkpoint directories (design §6): an orbax checkpoint of a variables pytree plus `config.json`.
+"""Checkpoint directories: an orbax checkpoint of a variables pytree plus `config.json`.
 
 Layout of `DIR`:
   config.json   JSON description (for a network: format, EDM2Config, dtypes, source file, decoder)
   variables/    orbax PyTree checkpoint of the pytree (uncompressed)
 
 `save_variables`/`load_variables` are generic (any pytree of arrays + a JSON-able dict); `save`/`load`
-wrap them for `edm2_jax.Network`. Writing goes to a uniquely named temporary directory beside `DIR`
-that is renamed at the end, so an interrupted save leaves no partial `DIR` (`remove_temporaries`
-deletes what a killed save left). Loading restores against an abstract target built from the stored
+wrap them for `edm2_jax.Network`. Writing goes through `io.write_atomic_dir` (a uniquely named
+temporary directory beside `DIR`, renamed at the end), so an interrupted save leaves no partial
+`DIR` (`io.remove_temporaries` deletes what a killed save left). Loading restores against an abstract target built from the stored
 metadata (orbax refuses topology changes otherwise), optionally onto a mesh. A missing, truncated or
 malformed file raises `UserError` naming it, before any array is read where possible.
 """
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from edm2_jax import io
 from edm2_jax.config import EDM2Config
 from edm2_jax.decoder import DecoderSpec, as_spec
 from edm2_jax.errors import UserError
@@ -34,32 +31,7 @@ FORMAT = 'edm2-jax'
 CONFIG_FILE = 'config.json'
 VARIABLES_DIR = 'variables'
 METADATA_FILE = '_METADATA'  # orbax's description of the stored tree (shapes, dtypes)
-_TEMP_RE = re.compile(r'^\.(.+)\.(tmp|old)-[0-9a-f]{8}$')
 REWRITE = 'a file is missing or damaged: convert or save the checkpoint again'
-
-
-def _temp_beside(dst: Path, tag: str) -> Path:
-    return dst.parent / f'.{dst.name}.{tag}-{uuid.uuid4().hex[:8]}'
-
-
-def remove_temporaries(parent) -> int:
-    """Cleans up after saves into `parent` that were killed: '.tmp-' directories are deleted; an
-    '.old-' directory (the previous version, moved aside just before the rename) goes back to its
-    name if that is free, else is deleted. Returns how many were handled. Call it only where no
-    other save into `parent` is running."""
-    parent = Path(parent)
-    count = 0
-    for p in sorted(parent.iterdir()) if parent.is_dir() else ():
-        m = _TEMP_RE.match(p.name)
-        if not m or not p.is_dir():
-            continue
-        original = parent / m.group(1)
-        if m.group(2) == 'old' and not original.exists():
-            os.rename(p, original)
-        else:
-            shutil.rmtree(p, ignore_errors=True)
-        count += 1
-    return count
 
 
 def _checkpointer() -> ocp.Checkpointer:
@@ -80,31 +52,19 @@ def save_variables(dst, variables, meta: dict, *, overwrite: bool = False) -> Pa
     new one is complete. Pass jax.Arrays to avoid a copy of numpy leaves.
     """
     dst = Path(dst).absolute()
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f'{dst} already exists (pass overwrite=True / --overwrite to replace it)')
     meta_text = json.dumps(meta, indent=2, sort_keys=False, allow_nan=False)  # fail before writing
-    tmp = _temp_beside(dst, 'tmp')
-    try:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
+
+    def write(tmp):
         with _checkpointer() as checkpointer:
-            checkpointer.save(tmp / VARIABLES_DIR,
-                              args=ocp.args.PyTreeSave(item=jax.tree.map(_on_host, variables)))
+            checkpointer.save(tmp / VARIABLES_DIR, args=ocp.args.PyTreeSave(item=jax.tree.map(_on_host, variables)))
         (tmp / CONFIG_FILE).write_text(meta_text + '\n')
-        if dst.exists():
-            old = _temp_beside(dst, 'old')
-            os.rename(dst, old)
-            os.rename(tmp, dst)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.rename(tmp, dst)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):  # read-only or full disk: one line, nothing left behind
-            raise UserError(f'cannot write the checkpoint: {e.strerror or e}', where=str(dst),
-                            fix='choose a writable destination with enough free space') from None
+    try:
+        return io.write_atomic_dir(dst, write, overwrite=overwrite)
+    except FileExistsError:
         raise
-    return dst
+    except OSError as e:  # read-only or full disk: one line, nothing left behind
+        raise UserError(f'cannot write the checkpoint: {e.strerror or e}', where=str(dst),
+                        fix='choose a writable destination with enough free space') from None
 
 
 def read_meta(path) -> dict:

@@ -126,7 +126,7 @@ class Passes:
         for j, i in enumerate(subset):
             for p in _strengths_at(self.terms[i], sigma):
                 rows = jnp.zeros((k, n), F32).at[1 + j].set(jnp.broadcast_to(p.strength, (n,)))
-                perturbations.append(p.replace(strength=rows.reshape(-1)))
+                perturbations.append(p.replace(strength=rows.reshape(-1), rows=((1 + j) * n, (2 + j) * n)))
         if self.fusion == 'prefix' and not any(self.terms[i].null_label for i in subset):
             out = self.net.stacked(x.astype(F32), sigma.astype(F32), self.labels(self.net, n), copies=k,
                                    perturbation=perturbations or None, keys=keys).astype(self.dtype)

@@ -1,9 +1,10 @@
 """Files: the one atomic writer, JSON, sha256, and the cleanup of temporaries a killed writer left.
 
-Every file the project writes goes through `write_atomic`: the content is written to a temporary
-file with a unique name in the target's directory, then renamed over the target. A reader, a
-resumed run or a second writer of the same path never sees a partial file, and two writers never
-share a temporary (the last rename wins, whole).
+Every file the project writes goes through `write_atomic` (every directory, e.g. a checkpoint,
+through `write_atomic_dir`): the content is written to a temporary with a unique name in the
+target's directory, then renamed over the target. A reader, a resumed run or a second writer of the
+same path never sees a partial file, and two writers never share a temporary (the last rename wins,
+whole). `remove_temporaries` cleans up after writers that were killed.
 """
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 TMP_PREFIX = '.tmp-'  # every temporary is '.tmp-<target name>.<random>'
+OLD_PREFIX = '.old-'  # a directory being replaced, moved aside: '.old-<target name>.<random>'
 
 
 def _umask() -> int:
@@ -41,6 +44,30 @@ def write_atomic(path, write: Callable[[Path], Any]) -> Path:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_atomic_dir(path, write: Callable[[Path], Any], *, overwrite: bool = False) -> Path:
+    """write(temporary directory), then rename onto `path`. An existing `path` is refused
+    (FileExistsError) unless `overwrite`; then it is moved aside and removed only after the new one is
+    in place. On any failure the temporary is removed and the target is left as it was."""
+    path = Path(path).absolute()
+    if path.exists() and not overwrite:
+        raise FileExistsError(f'{path} already exists (pass overwrite=True / --overwrite to replace it)')
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'{TMP_PREFIX}{path.name}.', dir=path.parent))
+    try:
+        write(tmp)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f'{OLD_PREFIX}{path.name}.', dir=path.parent))
+            os.replace(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
 
@@ -116,15 +143,23 @@ def sha256(path, chunk: int = 1 << 20) -> str:
 
 
 def remove_temporaries(directory, recursive: bool = False) -> int:
-    """Delete the temporaries that killed writers left in `directory`; returns how many. Call it
-    only where no other writer is running (e.g. at the start of a resumed run)."""
+    """Cleans up after writers that were killed in `directory`: temporaries (files and directories)
+    are deleted; a directory moved aside just before its replacement went in goes back to its name if
+    that is free (it is the only copy), else is deleted. Returns how many were handled. Call it only
+    where no other writer is running (e.g. at the start of a resumed run)."""
     directory = Path(directory)
     if not directory.is_dir():
         return 0
-    pattern = f'**/{TMP_PREFIX}*' if recursive else f'{TMP_PREFIX}*'
+    glob = '**/' if recursive else ''
     count = 0
-    for tmp in directory.glob(pattern):
-        if tmp.is_file():
-            tmp.unlink(missing_ok=True)
-            count += 1
+    for tmp in sorted(directory.glob(f'{glob}{TMP_PREFIX}*')):
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        count += 1
+    for old in sorted(directory.glob(f'{glob}{OLD_PREFIX}*')):
+        original = old.parent / old.name[len(OLD_PREFIX):].rsplit('.', 1)[0]
+        if old.is_dir() and not original.exists():
+            os.rename(old, original)
+        else:
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+        count += 1
     return count

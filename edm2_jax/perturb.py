@@ -57,12 +57,15 @@ NO_PREFIX_KINDS = ('sigma_shift', 'window')  # change the network's input: nothi
 @flax.struct.dataclass
 class Perturbation:
     """What, where, how much. `where` is static (a frozenset of block names after `resolve`);
-    `strength` is a pytree leaf (traced); `size`/`stride` are the window's (static)."""
+    `strength` is a pytree leaf (traced); `size`/`stride` are the window's (static); `rows`: None, or
+    the (start, stop) rows of a stacked batch outside which the strength is 0 (static: random kinds
+    then draw their numbers for those rows only)."""
     kind: str = flax.struct.field(pytree_node=False)
     strength: Any = 1.0
     where: Any = flax.struct.field(pytree_node=False, default=None)
     size: Any = flax.struct.field(pytree_node=False, default=None)
     stride: Any = flax.struct.field(pytree_node=False, default=None)
+    rows: Any = flax.struct.field(pytree_node=False, default=None)
 
 
 def dropout(p, where=None) -> Perturbation:
@@ -270,7 +273,8 @@ def merge(perturbations) -> tuple[Perturbation, ...]:
     one kind add up row by row (a row's own strength, zeros elsewhere)."""
     out: dict[str, Perturbation] = {}
     for p in perturbations:
-        out[p.kind] = p if p.kind not in out else out[p.kind].replace(strength=out[p.kind].strength + p.strength)
+        out[p.kind] = p if p.kind not in out else \
+            out[p.kind].replace(strength=out[p.kind].strength + p.strength, rows=None)
     return tuple(out.values())
 
 
@@ -310,14 +314,23 @@ _OPERATIONS = {
 def dropout_noise(config: EDM2Config, perturbations, keys) -> dict:
     """Uniform [0, 1) noise for the residual branch of every block a dropout perturbation touches,
     drawn in one call per example: one draw of Σ H·W·C numbers (then cut per block) compiles one RNG
-    kernel instead of one per block; row i's noise depends only on keys[i]."""
-    blocks = frozenset().union(*(p.where for p in perturbations if p.kind == 'dropout'))
+    kernel instead of one per block; row i's noise depends only on keys[i]. Rows outside every
+    dropout's `rows` draw nothing (their noise is 1: keep everything)."""
+    drops = [p for p in perturbations if p.kind == 'dropout']
+    blocks = frozenset().union(*(p.where for p in drops))
     if not blocks:
         return {}
     shapes = {s.name: (s.resolution, s.resolution, s.out_channels)
               for s in block_specs(config) if s.name in blocks}
     sizes = [int(np.prod(shape)) for shape in shapes.values()]
-    uniform = jax.vmap(lambda k: jax.random.uniform(k, (sum(sizes),), jnp.float32))(keys)
+    n = keys.shape[0]
+    drawn = np.zeros(n, bool)
+    for p in drops:
+        drawn[slice(*(p.rows or (0, n)))] = True
+    rows = np.flatnonzero(drawn)
+    uniform = jax.vmap(lambda k: jax.random.uniform(k, (sum(sizes),), jnp.float32))(keys[rows])
+    if len(rows) < n:
+        uniform = jnp.ones((n, sum(sizes)), jnp.float32).at[rows].set(uniform)
     parts = jnp.split(uniform, np.cumsum(sizes)[:-1], axis=1)
     return {name: part.reshape((-1,) + shape) for (name, shape), part in zip(shapes.items(), parts)}
 

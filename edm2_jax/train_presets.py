@@ -6,7 +6,7 @@ None = give --data) and the EMA length(s) σ_rel exported by post-hoc reconstruc
 (`EXPORT_SIGMA_RELS`).
 
 Fashion-MNIST presets (16×16, area-downsampled from 28×28; pixel space, 1 channel). Sizes were chosen
-by measured step time on a shared 2-core CPU (README "Training"): the same net at 32×32 took ~8× longer
+by measured step time on a shared 2-core CPU (docs/training.md): the same net at 32×32 took ~8× longer
 per step, far beyond a ~10-minute budget per run; 500 steps of 128 images (~1 epoch) fit it when the
 machine is not heavily shared.
   fmnist-main       class-conditional main model, no dropout

@@ -80,7 +80,7 @@ def remove_temporaries(run_dir) -> int:
     """Deletes what saves killed mid-write left in a run directory (state and export directories,
     snapshot and log files); returns how many. Only while no other process writes to the run."""
     run_dir = Path(run_dir)
-    return (checkpoint.remove_temporaries(run_dir) + files.remove_temporaries(run_dir)
+    return (files.remove_temporaries(run_dir)
             + files.remove_temporaries(run_dir / SNAPSHOT_DIR))
 
 

@@ -2,6 +2,7 @@
 
     python -m experiments.benchmark --preset=img512-xs --batch=4 --steps=4 --out=out/bench.json
     python -m experiments.benchmark --quick          # the tiny custom network, two methods (seconds)
+    bash experiments/gpu_benchmark.sh                # img512-S on a GPU, float32 and bfloat16, one JSON
 
 For each method (`--methods`): compile time (trace + lowering + XLA compile of the sampler, from JAX's
 compile events), seconds per image and per sampler step (median, min and max over `--repeats` timed
@@ -27,28 +28,30 @@ sigma-shift (δ = 0.2), swg (library defaults), and any of them but none with th
 `-interval` (guidance only for σ in `--interval`); insitu-term-interval (in-situ as a `guidance.Term`
 with its own `--interval`). The autoguidance guide is a random network of the
 main configuration with `--guide_channels` channels (default: half the main width).
+
+`--dtypes=float32,bfloat16` measures every method in each dtype in turn; the achieved FLOP/s is also
+given as a fraction of the device's dense peak (`--peak_tflops`, or `profiling.PEAK_TFLOPS` by device
+kind). `--vs_official=PATH` (your own clone of NVlabs/edm2, imported at run time: `edm2_jax.official`)
+times the official `edm_sampler` on the same weights and noise — the paper's in-situ guide is the
+network in train mode with dropout, a second pass — and prints edm2-jax's speed-up over it.
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 import os
-import platform
 import statistics
-import threading
 import time
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from edm2_jax import EDM2Config, Network, backend, get_preset, guidance as G, io, methods, network_inputs, sample
-from edm2_jax.denoiser import edm2_denoiser, prepare_terms
+from edm2_jax import EDM2Config, Network, get_preset, guidance as G, io, methods, network_inputs, sample
+from edm2_jax.denoiser import prepare_terms
 from edm2_jax.errors import cli_main
+from edm2_jax.profiling import COUNTER, CompileLog, counted, forward_flops, guided_flops, machine, peak_tflops
 from edm2_jax.sampling import guidance_terms
 
 FLAGS = flags.FLAGS
@@ -63,7 +66,14 @@ flags.DEFINE_integer('label_dim', 10, 'custom network: number of classes (0: unc
 flags.DEFINE_integer('guide_channels', 0, 'model_channels of the autoguidance guide (0: half the main width)')
 flags.DEFINE_integer('batch', 2, 'images per sampler call')
 flags.DEFINE_integer('steps', 4, 'Heun steps')
-flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'dtype of the networks\' image path')
+flags.DEFINE_list('dtypes', ['float32'], 'dtypes of the networks\' image path, each measured in turn '
+                  '(float32, bfloat16)')
+flags.DEFINE_float('peak_tflops', 0.0, 'the device\'s peak TFLOP/s for the achieved fraction (0: from PEAK_TFLOPS '
+                   'by device kind and dtype, where known)')
+flags.DEFINE_string('vs_official', '', 'path of your own clone of NVlabs/edm2: also time its edm_sampler on the '
+                    'same weights and noise (none, insitu, insitu-decoder, autoguidance) and print the ratio')
+flags.DEFINE_enum('official_device', 'cpu', ['cpu', 'cuda'], 'torch device of the official run')
+flags.DEFINE_bool('official_fp16', False, 'run the official networks in float16 (its use_fp16; CUDA only)')
 flags.DEFINE_list('methods', ['none', 'insitu-fused', 'insitu-unfused', 'insitu-decoder-prefix',
                               'autoguidance', 'cfg', 'insitu-fused-interval'], 'methods to measure')
 flags.DEFINE_integer('devices', 1, 'devices to shard the batch over (data parallel)')
@@ -99,7 +109,6 @@ BASE_METHODS = {
     # insitu-prefix-interval costs, since per-term intervals skip the inactive guide passes too.
     'insitu-term-interval': dict(method='terms', fusion='prefix'),
 }
-SAMPLER_FUN = '_sample'  # name of the sampler's jitted function in edm2_jax.sampling (compile events)
 
 
 def method_spec(name: str) -> tuple[dict, bool]:
@@ -111,69 +120,6 @@ def method_spec(name: str) -> tuple[dict, bool]:
         raise ValueError(f'unknown method {name!r}; choose from {", ".join(BASE_METHODS)} '
                          f'(each but none also with the suffix -interval)')
     return dict(BASE_METHODS[base]), interval
-
-
-# ---------------------------------------------------------------------------------------------------
-# Compile events and NFE counting.
-
-class CompileLog:
-    """JAX compile events (trace, lowering, XLA compile) with their function names and durations."""
-
-    def __init__(self):
-        self.events = []
-        jax.monitoring.register_event_duration_secs_listener(self._record)
-
-    def _record(self, event, duration, **kwargs):
-        if event.startswith('/jax/core/compile/'):
-            self.events.append((event.rsplit('/', 1)[-1], str(kwargs.get('fun_name', '')), duration))
-
-    def mark(self) -> int:
-        return len(self.events)
-
-    def since(self, mark: int, fun: str = SAMPLER_FUN) -> tuple[int, float, int]:
-        """(XLA compiles of `fun`, seconds spent tracing + lowering + compiling it, all XLA compiles)."""
-        new = self.events[mark:]
-        mine = [(e, d) for e, f, d in new if f in (fun, f'jit_{fun}', f'jit({fun})')]
-        compiles = sum(e == 'backend_compile_duration' for e, _ in mine)
-        return compiles, sum(d for _, d in mine), sum(e == 'backend_compile_duration' for e, _, _ in new)
-
-
-class Counter:
-    """Images processed per network role, added up at run time by debug callbacks."""
-
-    def __init__(self):
-        self.lock, self.rows = threading.Lock(), {}
-
-    def add(self, role, rows):
-        with self.lock:
-            self.rows[role] = self.rows.get(role, 0) + rows
-
-    def reset(self):
-        with self.lock:
-            self.rows = {}
-
-
-COUNTER = Counter()
-
-
-@flax.struct.dataclass
-class CountedNetwork(Network):
-    """A Network that reports every forward (images in the pass) to COUNTER, at run time."""
-    role: str = flax.struct.field(pytree_node=False, default='main')
-
-    def __call__(self, x, *args, **kwargs):
-        jax.debug.callback(functools.partial(COUNTER.add, self.role, x.shape[0]))
-        return super().__call__(x, *args, **kwargs)
-
-    def stacked(self, x, *args, copies, **kwargs):
-        jax.debug.callback(functools.partial(COUNTER.add, self.role, copies * x.shape[0]))
-        return super().stacked(x, *args, copies=copies, **kwargs)
-
-
-def counted(net: Network | None, role: str):
-    if net is None:
-        return None
-    return CountedNetwork(**{f.name: getattr(net, f.name) for f in dataclasses.fields(net)}, role=role)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -195,45 +141,8 @@ def pair_values(values, name) -> tuple[float, float]:
     return float(values[0]), float(values[1])
 
 
-def machine() -> dict:
-    dev = jax.devices()
-    return {'host': platform.node(), 'platform': platform.platform(), 'processor': platform.processor(),
-            'cpu_count': os.cpu_count(), 'load_avg_1m_at_start': round(os.getloadavg()[0], 2),
-            'devices': [d.device_kind for d in dev], **backend.describe()}
-
-
 def place(tree, mesh, spec):
     return tree if mesh is None else jax.device_put(tree, NamedSharding(mesh, spec))
-
-
-# ---------------------------------------------------------------------------------------------------
-# FLOPs from XLA's cost analysis.
-
-def flops(compiled) -> float | None:
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, (list, tuple)):
-        analysis = analysis[0] if analysis else None
-    value = None if not analysis else analysis.get('flops')
-    return None if value is None or value < 0 else float(value)
-
-
-_FORWARD_FLOPS = {}
-
-
-def forward_flops(net, x, sigma, labels) -> float | None:
-    """FLOPs of one unguided forward over the batch x (computed once per network and shape)."""
-    key = (id(net), x.shape, x.dtype)
-    if key not in _FORWARD_FLOPS:
-        fn = jax.jit(lambda net, x, sigma, labels: net(x, sigma, labels))
-        _FORWARD_FLOPS[key] = flops(fn.lower(net, x, sigma, labels).compile())
-    return _FORWARD_FLOPS[key]
-
-
-def guided_flops(net, x, sigma, labels, keys, terms, fusion) -> float | None:
-    """FLOPs of one guided evaluation (the main pass and every guide pass, as the sampler runs them)."""
-    def evaluate(net, terms, x, sigma, labels, keys):
-        return edm2_denoiser(net, labels, terms, fusion=fusion)(x, sigma, jnp.int32(0), keys)
-    return flops(jax.jit(evaluate).lower(net, terms, x, sigma, labels, keys).compile())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -335,17 +244,18 @@ def measure(name, net, guide, inputs, steps, repeats, values, interval, log, inl
 # Output.
 
 def table(results) -> str:
-    head = ('method', 'compiles', 'compile_s', 's/img', 's/img min-max', 's/step', 'ratio', 'NFE/img',
-            'GFLOP/eval', 'GFLOP/img', 'GFLOP/s', 'cpu_s/call', 'peak_MB')
+    head = ('method', 'dtype', 'compiles', 'compile_s', 's/img', 's/img min-max', 's/step', 'ratio', 'NFE/img',
+            'GFLOP/eval', 'GFLOP/img', 'GFLOP/s', '%peak', 'cpu_s/call', 'peak_MB', 'x official')
 
     def g(v, scale=1.0, fmt='{:.3g}'):
         return '-' if v is None else fmt.format(v / scale)
     rows = [head] + [(
-        r['method'], str(r['compiles']), f"{r['compile_s']:.1f}", g(r['sec_per_image']),
+        r['method'], r['dtype'], str(r['compiles']), f"{r['compile_s']:.1f}", g(r['sec_per_image']),
         f"{r['sec_per_image_min']:.3g}-{r['sec_per_image_max']:.3g}", g(r['sec_per_step']),
         g(r['ratio_to_none'], fmt='{:.2f}'), g(r['nfe_per_image'], fmt='{:g}'), g(r['flops_per_eval'], 1e9),
-        g(r['flops_per_image'], 1e9), g(r['flop_per_s'], 1e9), g(r['cpu_s_per_call']),
-        g(r['peak_bytes'], 2**20, '{:.0f}')) for r in results]
+        g(r['flops_per_image'], 1e9), g(r['flop_per_s'], 1e9), g(r['fraction_of_peak'], 0.01, '{:.1f}'),
+        g(r['cpu_s_per_call']), g(r['peak_bytes'], 2**20, '{:.0f}'),
+        g(r.get('speedup_vs_official'), fmt='{:.2f}')) for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ['  '.join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     return '\n'.join([lines[0], '  '.join('-' * w for w in widths)] + lines[1:])
@@ -375,40 +285,84 @@ def main(argv):
     if FLAGS.batch % FLAGS.devices:
         raise ValueError(f'--batch={FLAGS.batch} must be divisible by --devices={FLAGS.devices}')
 
+    for dt in FLAGS.dtypes:
+        if dt not in ('float32', 'bfloat16'):
+            raise ValueError(f'--dtypes: float32 or bfloat16, got {dt!r}')
+    official = None
+    if FLAGS.vs_official:
+        from edm2_jax import official as official_lib
+        official = official_lib.load(FLAGS.vs_official)
+
     log = CompileLog()
     mesh = jax.make_mesh((FLAGS.devices,), ('data',), devices=jax.devices()[:FLAGS.devices]) \
         if FLAGS.devices > 1 else None
-    dtype = jnp.dtype(FLAGS.dtype)
-    net = place(Network.random(config, 0, dtype=dtype), mesh, P())
-    guide = None
-    if any(method_spec(m)[0]['method'] == 'autoguidance' for m in FLAGS.methods):
-        guide_config = config.replace(model_channels=FLAGS.guide_channels or max(1, config.model_channels // 2))
-        guide = place(Network.random(guide_config, 1, dtype=dtype), mesh, P())
-    inputs = network_inputs(net, np.arange(FLAGS.batch))
-    inputs = type(inputs)(*(None if a is None else place(a, mesh, P('data')) for a in inputs))
-
     results = []
-    for name in FLAGS.methods:
-        results.append(measure(name, net, guide, inputs, FLAGS.steps, FLAGS.repeats, values, interval, log,
-                               FLAGS.count == 'inline'))
-        print(f'{name}: {results[-1]["sec_per_image"]:.4g} s/image', flush=True)
-    base = next((r['sec_per_image'] for r in results if r['method'] == 'none'), None)
-    for r in results:
-        r['ratio_to_none'] = None if base is None else r['sec_per_image'] / base
+    for dt in FLAGS.dtypes:
+        dtype = jnp.dtype(dt)
+        net = place(Network.random(config, 0, dtype=dtype), mesh, P())
+        guide = None
+        if any(method_spec(m)[0]['method'] == 'autoguidance' for m in FLAGS.methods):
+            guide_config = config.replace(model_channels=FLAGS.guide_channels or max(1, config.model_channels // 2))
+            guide = place(Network.random(guide_config, 1, dtype=dtype), mesh, P())
+        inputs = network_inputs(net, np.arange(FLAGS.batch))
+        inputs = type(inputs)(*(None if a is None else place(a, mesh, P('data')) for a in inputs))
+        rows = []
+        for name in FLAGS.methods:
+            rows.append(dict(measure(name, net, guide, inputs, FLAGS.steps, FLAGS.repeats, values, interval, log,
+                                     FLAGS.count == 'inline'), dtype=dt))
+            print(f'{name} ({dt}): {rows[-1]["sec_per_image"]:.4g} s/image', flush=True)
+        base = next((r['sec_per_image'] for r in rows if r['method'] == 'none'), None)
+        peak = FLAGS.peak_tflops or peak_tflops(jax.devices()[0].device_kind, dt)
+        for r in rows:
+            r['ratio_to_none'] = None if base is None else r['sec_per_image'] / base
+            r['peak_tflops'] = peak
+            r['fraction_of_peak'] = None if not (peak and r['flop_per_s']) else r['flop_per_s'] / (peak * 1e12)
+        results += rows
+        if official is not None and dt == FLAGS.dtypes[0]:
+            side_by_side(official, net, guide, inputs, rows, values)
 
     report = {
         'machine': machine(),
         'config': {'network': config.to_dict(), 'preset': FLAGS.preset or None, 'batch': FLAGS.batch,
-                   'steps': FLAGS.steps, 'dtype': FLAGS.dtype, 'devices': FLAGS.devices,
-                   'repeats': FLAGS.repeats, 'nfe_count': FLAGS.count, 'guidance': list(values[0]), 'dropout': list(values[1]),
-                   'interval': list(interval), 'guide_channels': None if guide is None else
-                   guide.config.model_channels, 'xla_flags': os.environ.get('XLA_FLAGS', '')},
+                   'steps': FLAGS.steps, 'dtypes': list(FLAGS.dtypes), 'devices': FLAGS.devices,
+                   'repeats': FLAGS.repeats, 'nfe_count': FLAGS.count, 'guidance': list(values[0]),
+                   'dropout': list(values[1]), 'interval': list(interval),
+                   'guide_channels': FLAGS.guide_channels or max(1, config.model_channels // 2),
+                   'xla_flags': os.environ.get('XLA_FLAGS', ''), 'vs_official': FLAGS.vs_official or None},
         'results': results,
     }
     print(table(results))
     if FLAGS.out:
         io.write_text(FLAGS.out, json.dumps(report, indent=1))
         print(f'wrote {FLAGS.out}')
+
+
+OFFICIAL_METHODS = {'none': None, 'insitu-fused': 'all', 'insitu-unfused': 'all', 'insitu-prefix': 'all',
+                    'insitu-decoder-prefix': 'decoder', 'insitu-decoder-fused': 'decoder', 'autoguidance': None}
+
+
+def side_by_side(official, net, guide, inputs, rows, values):
+    """The official edm_sampler on the same weights and noise, for the methods it has; adds
+    'official' and 'speedup_vs_official' (official s/image ÷ ours) to those rows."""
+    from edm2_jax import official as official_lib
+    device = FLAGS.official_device
+    main = official_lib.precond(official, net, device, FLAGS.official_fp16)
+    (g1, _), (p1, _) = values
+    labels = None if inputs.class_labels is None else np.asarray(inputs.class_labels)
+    for r in rows:
+        if r['method'] not in OFFICIAL_METHODS:
+            continue
+        guidance, gnet = 1.0, None
+        if r['method'] == 'autoguidance':
+            guidance, gnet = g1, official_lib.precond(official, guide, device, FLAGS.official_fp16)
+        elif r['method'] != 'none':
+            guidance, gnet = g1, official_lib.dropout_guide(main, p1, OFFICIAL_METHODS[r['method']])
+        r['official'] = official_lib.time_sample(official, main, np.asarray(inputs.noise), labels, guide=gnet,
+                                                 guidance=guidance, num_steps=FLAGS.steps, repeats=FLAGS.repeats,
+                                                 device=device)
+        r['speedup_vs_official'] = r['official']['sec_per_image'] / r['sec_per_image']
+        print(f"{r['method']}: official {r['official']['sec_per_image']:.4g} s/image, edm2-jax "
+              f"{r['speedup_vs_official']:.2f}x faster", flush=True)
 
 
 if __name__ == '__main__':

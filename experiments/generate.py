@@ -3,8 +3,8 @@ r"""Generate images at scale (flags → `edm2_jax.generation`): every device of 
     python -m experiments.generate --preset=edm2-img512-s-autog-fid --checkpoints=checkpoints \
         --vae=checkpoints/sd-vae-ft-mse --seeds=0-49999 --batch=32 --outdir=out --subdirs
 
-    python -m experiments.generate --net=checkpoints/img64-s --method=insitu --guidance=1.5 --p=0.1 \
-        --perturb=decoder --seeds=0-49999 --outdir=out
+    python -m experiments.generate --net=checkpoints/img64-s --method=insitu --guidance=1.5 --strength=0.1 \
+        --blocks=decoder --seeds=0-49999 --outdir=out
 
 Images are `{seed:06d}.png` (with --subdirs in `{seed//1000*1000:06d}/`), written atomically; a
 rerun of the same command skips seeds whose outputs exist, so an interrupted run resumed gives the

@@ -263,17 +263,3 @@ def write_edm2_pickle(path, state_dict: dict[str, np.ndarray], init_kwargs: dict
         with open(path, 'wb') as f:
             pickle.dump(data, f, protocol=4)
     return path
-
-
-def precond_kwargs(config: EDM2Config) -> dict:
-    """Precond constructor kwargs for `config` as train_edm2.py would pass them (+ non-defaults)."""
-    kwargs = dict(img_resolution=config.img_resolution, img_channels=config.img_channels,
-                  label_dim=config.label_dim, model_channels=config.model_channels,
-                  dropout=config.dropout, use_fp16=True)
-    default = EDM2Config(config.img_resolution, config.img_channels)
-    for field in ('channel_mult', 'num_blocks', 'attn_resolutions', 'channels_per_head',
-                  'logvar_channels', 'channel_mult_noise', 'channel_mult_emb'):
-        if getattr(config, field) != getattr(default, field):
-            value = getattr(config, field)
-            kwargs[field] = list(value) if isinstance(value, tuple) else value
-    return kwargs

@@ -263,9 +263,9 @@ def test_nonfinite_state_is_never_saved_nor_resumed(tmp_path, diverged, monkeypa
 
 def test_temporaries_of_killed_saves_are_removed(tmp_path):
     run = tmp_path / 'run'
-    (run / '.state-000000004.tmp-0123abcd' / 'variables').mkdir(parents=True)  # killed mid-save
-    (run / '.state-000000008.old-89abcdef').mkdir()  # killed between the two renames: the only copy
-    (run / '.state-000000008.old-89abcdef' / 'config.json').write_text('{}')
+    (run / '.tmp-state-000000004.0123abcd' / 'variables').mkdir(parents=True)  # killed mid-save
+    (run / '.old-state-000000008.89abcdef').mkdir()  # killed between the two renames: the only copy
+    (run / '.old-state-000000008.89abcdef' / 'config.json').write_text('{}')
     (run / 'snapshots').mkdir()
     (run / 'snapshots' / '.tmp-phema-000000000008-0.050.npz.x1y2').write_bytes(b'partial')
     (run / '.tmp-run.json.abc').write_text('{')

@@ -93,3 +93,24 @@ def test_per_term_interval_costs_like_sampler_interval(tmp_path):
     # 2 unguided evaluations at the forward's cost and 1 guided one at the guided cost
     for r in results:
         assert r['flops_per_image'] == pytest.approx(2 * r['flops_per_eval'] + r['flops_per_guided_eval'])
+
+
+def test_gpu_script_runs_end_to_end_on_cpu(tmp_path):
+    """experiments/gpu_benchmark.sh with a tiny custom network (PRESET empty): every method in both
+    dtypes, one JSON, the same evaluation counts in each dtype, and the dtypes' ratios to none."""
+    out = tmp_path / 'gpu.json'
+    env = dict(os.environ, JAX_PLATFORMS='cpu', PRESET='', BATCH='2', STEPS=str(STEPS), OUT=str(out))
+    tiny = [a for a in TINY if not a.startswith(('--batch', '--steps'))]
+    proc = subprocess.run(['bash', 'experiments/gpu_benchmark.sh', *tiny], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    methods = ['none', 'insitu-fused', 'insitu-decoder-prefix', 'autoguidance']
+    assert [(r['dtype'], r['method']) for r in data['results']] == [
+        (d, m) for d in ('float32', 'bfloat16') for m in methods]
+    evals = 2 * STEPS - 1
+    for r in data['results']:
+        assert r['nfe_per_image'] == (evals if r['method'] == 'none' else 2 * evals)
+        assert r['ratio_to_none'] == pytest.approx(r['sec_per_image'] / next(
+            q['sec_per_image'] for q in data['results'] if q['dtype'] == r['dtype'] and q['method'] == 'none'))
+    assert data['config']['dtypes'] == ['float32', 'bfloat16']

@@ -23,10 +23,10 @@ from safetensors.numpy import save_file
 from helpers import nchw_to_nhwc, nhwc_to_nchw, torch_params
 from convert import pickle_reader
 from convert.edm2 import convert_checkpoint
-from convert.torch_names import network_to_torch
+from convert.torch_names import network_to_torch, precond_kwargs
 from edm2_jax import EDM2Config, checkpoint
 from edm2_jax.errors import UserError as ConversionError
-from edm2_pickle_fixture import (VAE_BIAS, VAE_SCALE, precond_kwargs, state_dict_shapes,
+from edm2_pickle_fixture import (VAE_BIAS, VAE_SCALE, state_dict_shapes,
                                  write_edm2_pickle)
 
 REPO = Path(__file__).resolve().parents[1]

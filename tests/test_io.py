@@ -84,3 +84,32 @@ def test_sha256_of_a_multi_chunk_file(tmp_path):
 def test_json_round_trip_and_non_finite(tmp_path):
     path = io.write_json(tmp_path / 'd' / 'r.json', {'a': (1, 2), 'b': float('inf'), 'c': {3: 'x'}})
     assert io.read_json(path) == {'a': [1, 2], 'b': 'inf', 'c': {'3': 'x'}}
+
+
+def test_write_atomic_dir_replaces_only_whole_directories(tmp_path):
+    dst = tmp_path / 'ckpt'
+    io.write_atomic_dir(dst, lambda d: (d / 'a').write_text('1'))
+    with pytest.raises(FileExistsError):
+        io.write_atomic_dir(dst, lambda d: (d / 'a').write_text('2'))
+
+    def fails(d):
+        (d / 'a').write_text('partial')
+        raise OSError(28, 'No space left on device')
+    with pytest.raises(OSError):
+        io.write_atomic_dir(dst, fails, overwrite=True)
+    assert (dst / 'a').read_text() == '1' and sorted(p.name for p in tmp_path.iterdir()) == ['ckpt']
+    io.write_atomic_dir(dst, lambda d: (d / 'b').write_text('3'), overwrite=True)
+    assert sorted(p.name for p in dst.iterdir()) == ['b'] and sorted(p.name for p in tmp_path.iterdir()) == ['ckpt']
+
+
+def test_a_directory_moved_aside_comes_back(tmp_path):
+    """Killed between moving the old directory aside and renaming the new one in: the old one is the
+    only copy, so cleaning up renames it back; beside an existing target it is deleted."""
+    (tmp_path / f'{io.OLD_PREFIX}ckpt.x1y2').mkdir()
+    (tmp_path / f'{io.OLD_PREFIX}ckpt.x1y2' / 'config.json').write_text('{}')
+    (tmp_path / f'{io.TMP_PREFIX}ckpt.a1b2').mkdir()
+    (tmp_path / 'other').mkdir()
+    (tmp_path / f'{io.OLD_PREFIX}other.c3d4').mkdir()
+    assert io.remove_temporaries(tmp_path) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt', 'other']
+    assert (tmp_path / 'ckpt' / 'config.json').read_text() == '{}'

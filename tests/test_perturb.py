@@ -304,3 +304,17 @@ def test_errors_before_compiling():
         S.sample(net, noise, method='pag')
     with pytest.raises(ValueError, match='need keys'):
         Network(CONFIG, {})(noise, 1.0, perturbation=P.token_shuffle())
+
+
+def test_dropout_noise_is_drawn_only_for_perturbed_rows():
+    """A dropout with rows (start, stop) draws uniforms for those rows alone (the clean rows of a
+    fused batch get 1: keep everything), and the drawn rows equal a full draw's: row i's noise
+    depends only on keys[i], so nothing else changes."""
+    keys = jax.random.split(jax.random.key(0), 8)
+    full = P.check_strengths(P.resolve(CONFIG, P.dropout(0.1, 'decoder')), 8)
+    part = tuple(p.replace(rows=(4, 8)) for p in full)
+    a, b = P.dropout_noise(CONFIG, full, keys), P.dropout_noise(CONFIG, part, keys)
+    assert set(a) == set(b) == P.select_blocks(CONFIG, 'decoder')
+    for name in a:
+        np.testing.assert_array_equal(np.asarray(b[name][4:]), np.asarray(a[name][4:]))
+        np.testing.assert_array_equal(np.asarray(b[name][:4]), 1.0)

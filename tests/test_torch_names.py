@@ -8,7 +8,7 @@ import pytest
 
 from helpers import torch_params
 from convert.torch_names import (check_shapes, infer_config, network_to_torch, path_to_torch,
-                                 torch_shapes, torch_to_network, torch_to_path)
+                                 precond_kwargs, torch_shapes, torch_to_network, torch_to_path)
 from edm2_jax import PRESETS, EDM2Config
 
 
@@ -32,6 +32,13 @@ def test_reference_round_trip_is_lossless(tiny_cond):
     for k, v in sd.items():
         assert back[k].dtype == v.dtype and back[k].shape == v.shape
         np.testing.assert_array_equal(back[k], v, err_msg=k)
+
+
+def test_precond_kwargs_are_the_official_ones(tiny_cond):
+    """The kwargs the official code was built with (recorded in the reference file), plus the
+    two it passes always (dropout, use_fp16)."""
+    official = json.loads(str(tiny_cond['config_json']))['precond_kwargs']
+    assert precond_kwargs(EDM2Config(**official)) == {**official, 'dropout': 0.0, 'use_fp16': True}
 
 
 @pytest.mark.parametrize('name', ['img512-s', 'img512-xs-uncond', 'img64-m'])
