@@ -81,8 +81,8 @@ def main() -> None:
 
     # 1. Networks. A fresh Network.init outputs F = 0 (guidance would do nothing): convert.random draws
     #    non-zero gains. The guide (autoguidance) is a smaller, "worse" version of the main network.
-    for name, flags in (('net', TINY + ['--seed=0']), ('guide', TINY[:3] + ['--model_channels=8', '--channel_mult=1,2',
-                                                                              '--num_blocks=1', '--attn_resolutions=8', '--seed=1'])):
+    guide = [f for f in TINY if not f.startswith('--model_channels')] + ['--model_channels=8']
+    for name, flags in (('net', TINY + ['--seed=0']), ('guide', guide + ['--seed=1'])):
         if not (out / name).is_dir():
             run('convert.random', f'--dst={out / name}', *flags)
 
@@ -105,8 +105,11 @@ def main() -> None:
     print('\nmethod        pixel FD to unguided samples')
     for m, v in scores.items():
         print(f'{m:<13} {v:.4f}')
-    print(f'\nwrote (in {time.perf_counter() - start:.0f} s):\n  {out}/grid.png      ({", ".join(METHODS)}, left to right)\n'
-          f'  {out}/scores.json\n  {out}/<method>/      images, grid.png, summary.json\n  {out}/net, {out}/guide  checkpoints')
+    print(f'\nwrote (in {time.perf_counter() - start:.0f} s):\n'
+          f'  {out}/grid.png          {", ".join(METHODS)}, left to right\n'
+          f'  {out}/scores.json\n'
+          f'  {out}/<method>/         images, grid.png, summary.json\n'
+          f'  {out}/net, {out}/guide  checkpoints')
 
 
 if __name__ == '__main__':
