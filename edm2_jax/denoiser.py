@@ -37,10 +37,18 @@ def prepare_terms(net, terms: Sequence[G.Term], dtype) -> tuple[G.Term, ...]:
     return tuple(_prepare(net, i, t, dtype) for i, t in enumerate(terms))
 
 
-def _prepare(net, i, t, dtype):
+def check_terms(config, terms: Sequence[G.Term]) -> None:
+    """The checks of `prepare_terms` against the main network's config alone, without computing
+    anything (so a CLI can run them before JAX starts): guides' shapes and labels, block
+    selections, strength ranges, windows, rules, intervals."""
+    for i, t in enumerate(terms):
+        _check(config, i, t)
+
+
+def _check(main, i, t):
+    """ValueError/TypeError for a term that cannot apply to a main network of config `main`."""
     if not isinstance(t, G.Term):
         raise TypeError(f'guidance term {i} must be a guidance.Term, got {type(t).__name__}')
-    main = net.config
     if t.guide is not None:
         g = t.guide.config
         if (g.img_resolution, g.img_channels) != (main.img_resolution, main.img_channels):
@@ -56,17 +64,20 @@ def _prepare(net, i, t, dtype):
     weights = G.concrete_values(t.weight)
     if weights is not None and not np.all(np.isfinite(weights)):
         raise ValueError(f'guidance weight of term {i} must be finite, got {weights}')
+    for p in P.resolve(main if t.guide is None else t.guide.config, t.perturbations):
+        P.check_values(p.kind, G.concrete_values(p.strength))
+    if t.interval is not None and not isinstance(t.interval, G.Interval):
+        raise TypeError(f'interval of term {i} must be a guidance.Interval')
+    R.check(t.rule, f'rule of term {i}')
+
+
+def _prepare(net, i, t, dtype):
+    """The checked term with its numbers as arrays: weights in the sampler dtype, strengths float32."""
+    _check(net.config, i, t)
     target = net if t.guide is None else t.guide
     perturbations = tuple(p.replace(strength=G.cast_value(p.strength, F32))
                           for p in P.resolve(target.config, t.perturbations))
-    for p in perturbations:
-        P.check_values(p.kind, G.concrete_values(p.strength))
-    if t.rule is not None and not isinstance(t.rule, R.RULES):
-        raise TypeError(f'rule of term {i} must be None (linear) or one of edm2_jax.rules '
-                        f'{[r.__name__ for r in R.RULES]}')
-    if t.interval is not None and not isinstance(t.interval, G.Interval):
-        raise TypeError(f'interval of term {i} must be a guidance.Interval')
-    rule = None if t.rule is None else jax.tree.map(lambda v: jnp.asarray(v, dtype), t.rule)
+    rule = R.prepared(t.rule, dtype, f'rule of term {i}')
     return t.replace(weight=G.cast_value(t.weight, dtype), perturbation=perturbations or None, rule=rule)
 
 

@@ -26,7 +26,7 @@ CHECKPOINTS = ('net', 'gnet', 'vae')
 # The settings that decide a seed's files; the others (seeds, batch, grid, …) may change on a resume.
 IMAGE_SETTINGS = ('method', 'guidance', 'strength', 'blocks', 'window', 'interval', 'interval_steps',
                   'fusion', 'num_steps', 'sigma_min', 'sigma_max', 'rho', 'S_churn', 'S_min', 'S_max',
-                  'S_noise', 'class_idx', 'dtype', 'subdirs', 'save_npz')
+                  'S_noise', 'class_idx', 'dtype', 'subdirs', 'save_npz', 'guidance_config')
 
 
 class Interrupted(KeyboardInterrupt):
@@ -73,7 +73,7 @@ def checkpoint_info(path) -> dict:
 
 def run_record(s: dict) -> dict:
     """What run.json holds: the image settings and the checkpoints, as JSON reads them back."""
-    record = {'settings': {k: s[k] for k in IMAGE_SETTINGS},
+    record = {'settings': {k: s.get(k) for k in IMAGE_SETTINGS},  # guidance_config may be absent: None
               'checkpoints': {k: checkpoint_info(s[k]) for k in CHECKPOINTS if s[k] is not None}}
     return io.jsonable(record)
 
@@ -127,11 +127,21 @@ def claim_outdir(s: dict) -> None:
                         fix='choose a writable directory') from None
 
 
+def guidance_terms(s: dict, guide) -> tuple:
+    """The run's guidance terms: its guidance configuration's (the role "gnet" is `guide`), or its
+    method's."""
+    from edm2_jax import guidance_config, sampling
+    if s.get('guidance_config') is not None:
+        return guidance_config.build(s['guidance_config'], {} if guide is None else {'gnet': guide},
+                                     s['num_steps'])
+    return sampling.guidance_terms(s['method'], s['guidance'], s['strength'], guide=guide, blocks=s['blocks'],
+                                   window=s['window'])
+
+
 def nfe_per_image(s: dict, net, guide) -> float:
     """Network evaluations per image of the settings (`methods.nfe_per_image`; churn ignored)."""
-    from edm2_jax import guidance, methods, sampling
-    terms = sampling.guidance_terms(s['method'], s['guidance'], s['strength'], guide=guide, blocks=s['blocks'],
-                                    window=s['window'])
+    from edm2_jax import guidance, methods
+    terms = guidance_terms(s, guide)
     interval = s['interval']
     if s['interval_steps'] is not None:
         interval = guidance.Interval.steps(*s['interval_steps'])
@@ -157,10 +167,14 @@ def write_grid(outdir: Path, s: dict, count: int) -> None:
 
 
 def sampler_kwargs(s: dict) -> dict:
-    """`sampling.sample` keyword arguments of the settings."""
-    kwargs = dict(method=s['method'], fusion=s['fusion'], num_steps=s['num_steps'],
-                  sigma_min=s['sigma_min'], sigma_max=s['sigma_max'], rho=s['rho'], S_churn=s['S_churn'],
-                  S_min=s['S_min'], S_max=s['S_max'], S_noise=s['S_noise'])
+    """`parallel.make_sampler` keyword arguments of the settings (a guidance configuration's terms
+    as `terms_of`)."""
+    kwargs = dict(fusion=s['fusion'], num_steps=s['num_steps'], sigma_min=s['sigma_min'],
+                  sigma_max=s['sigma_max'], rho=s['rho'], S_churn=s['S_churn'], S_min=s['S_min'],
+                  S_max=s['S_max'], S_noise=s['S_noise'])
+    if s.get('guidance_config') is not None:
+        return dict(kwargs, terms_of=lambda guide: guidance_terms(s, guide))
+    kwargs['method'] = s['method']
     if s['method'] != 'none':
         kwargs.update({k: s[k] for k in ('guidance', 'strength', 'blocks', 'window', 'interval', 'interval_steps')})
     return kwargs
@@ -202,15 +216,20 @@ def _todo(outdir: Path, s: dict) -> np.ndarray:
                        np.int64)
 
 
-def generate(s: dict, *, multihost_kwargs: dict | None = None, progress: bool = True,
-             compile_cache: str | None = None) -> dict:
-    """Runs the settings `s` (the CLI's `resolve_settings`, after `claim_outdir`); returns the
-    summary (process 0 writes it). Ctrl-C raises `Interrupted`; every image saved stays valid."""
+def start_multihost(**kwargs) -> None:
+    """jax.distributed for a multi-host run (gloo collectives on CPU); call it before anything else
+    touches JAX (`kwargs`: coordinator_address, num_processes, process_id, where not auto-detected)."""
     import jax
-    if multihost_kwargs is not None:
-        jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU only; GPU/TPU ignore it
-        from edm2_jax import parallel
-        parallel.initialize_distributed(**multihost_kwargs)
+    from edm2_jax import parallel
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU only; GPU/TPU ignore it
+    parallel.initialize_distributed(**kwargs)
+
+
+def generate(s: dict, *, progress: bool = True, compile_cache: str | None = None) -> dict:
+    """Runs the settings `s` (the CLI's `resolve_settings`, after `claim_outdir`; multi-host runs
+    after `start_multihost`); returns the summary (process 0 writes it). Ctrl-C raises
+    `Interrupted`; every image saved stays valid."""
+    import jax
     if compile_cache:
         jax.config.update('jax_compilation_cache_dir', compile_cache)
         jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)

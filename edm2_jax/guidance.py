@@ -132,6 +132,19 @@ class Interval:
                                  f'{last}, got [{start}, {stop}]')
         return cls(jnp.asarray(start, jnp.int32), jnp.asarray(stop, jnp.int32), True)
 
+    @classmethod
+    def fractions(cls, start, stop, num_steps: int) -> Interval:
+        """diffusers' start/stop: active at steps int(start·N) <= i < int(stop·N) (N = num_steps; the
+        products truncated as diffusers' guiders do; empty when they truncate to the same step)."""
+        if _is_concrete(start, stop):
+            if not 0 <= float(start) <= float(stop) <= 1:
+                raise ValueError(f'guidance fractions [start, stop) need 0 <= start <= stop <= 1, got '
+                                 f'[{start}, {stop})')
+            first, end = int(float(start) * num_steps), int(float(stop) * num_steps)
+        else:
+            first, end = (jnp.floor(jnp.asarray(v, jnp.float32) * num_steps) for v in (start, stop))
+        return cls(jnp.asarray(first, jnp.int32), jnp.asarray(end, jnp.int32) - 1, True)
+
     def __call__(self, sigma, step):
         if self.by_step:
             return (step >= self.lo) & (step <= self.hi)
@@ -158,8 +171,8 @@ def guided(main: Denoiser, evaluate_all: Callable, weights: Sequence[Any],
     that term contributes nothing. effective: per term, None or σ → bool, False where the term's
     guide is the main network itself (e.g. a dropout rate of 0). Where every term has weight 0 or is
     not effective, only `main` runs (`lax.cond`): the result is the unguided one, bit for bit.
-    rules: per term, None (linear) or a rule of `edm2_jax.rules`; with any rule the denoiser is
-    stateful: it carries `init_state(x)` and is called as denoise(x, σ, step, keys, state) →
+    rules: per term, None (linear) or a rule of `edm2_jax.rules` (a rule's `finish`, if it has one,
+    acts on the summed prediction at every evaluation); with any rule the denoiser is stateful: it carries `init_state(x)` and is called as denoise(x, σ, step, keys, state) →
     (D, state) (`heun_loop` does this).
     """
     k = len(weights)
@@ -199,9 +212,14 @@ def guided(main: Denoiser, evaluate_all: Callable, weights: Sequence[Any],
     if not stateful:
         return denoise
 
+    finishes = [r.finish for r in rules if hasattr(r, 'finish')]
+
     def denoise_with_state(x, sigma, step, keys, state):
-        return jax.lax.cond(contributes(sigma, step), combined, lambda *a: (main(*a[:4]), a[4]),
-                            x, sigma, step, keys, state)
+        out, state = jax.lax.cond(contributes(sigma, step), combined, lambda *a: (main(*a[:4]), a[4]),
+                                  x, sigma, step, keys, state)
+        for finish in finishes:  # e.g. CFG-Zero*'s zero-init, at every evaluation
+            out = finish(out, rules_lib.At(x, sigma, step))
+        return out, state
 
     def init_state(x):
         return tuple(jnp.zeros_like(x) for _ in range(k))
@@ -231,12 +249,13 @@ def separately(main: Denoiser, *guides: Denoiser) -> Callable:
 
 
 def guide_with(main: Denoiser, guides: Sequence[Denoiser], weights: Sequence[Any],
-               interval: Interval | None = None, intervals: Sequence[Any] | None = None) -> Denoiser:
-    """The guided denoiser of independent denoisers (e.g. the toy's main and guide MLPs); `intervals`:
-    one per term (None or an `Interval`), outside which that guide is not run."""
+               interval: Interval | None = None, intervals: Sequence[Any] | None = None,
+               rules: Sequence[Any] | None = None) -> Denoiser:
+    """The guided denoiser of independent denoisers (e.g. the toy's main and guide MLPs); `intervals`
+    and `rules`: one per term (None or an `Interval`; None or a rule), as in `guided`."""
     if len(guides) != len(weights):
         raise ValueError(f'{len(guides)} guides but {len(weights)} weights')
-    return guided(main, separately(main, *guides), weights, interval, intervals=intervals)
+    return guided(main, separately(main, *guides), weights, interval, intervals=intervals, rules=rules)
 
 
 

@@ -47,8 +47,7 @@ class Method:
 
 
 def _cfg(w, guide):
-    """guide: None (the null label), a network, or a name the caller resolves (the toy's models)."""
-    if getattr(guide, 'config', None) is not None and getattr(guide.config, 'label_dim', 0) != 0:
+    if getattr(guide, 'config', None) is not None and guide.config.label_dim != 0:  # (the toy names its guides)
         raise ValueError('the CFG guide must be unconditional (label_dim 0); use autoguidance for a '
                          'conditional guide')
     return G.Term(w, guide, null_label=guide is None)

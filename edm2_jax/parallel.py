@@ -132,18 +132,20 @@ def global_inputs(layout: Layout, net, local_seeds, class_idx: int | None = None
     return put(inputs.noise), put(inputs.class_labels), put(jax.random.key_data(inputs.keys))
 
 
-def make_sampler(layout: Layout, **sample_kwargs) -> Callable:
+def make_sampler(layout: Layout, terms_of: Callable | None = None, **sample_kwargs) -> Callable:
     """jit(fn(net, guide, noise, labels, key_data) -> samples), batch sharded over the mesh.
 
     `shard_map`: every device runs the single-device sampler on its own `per_device_batch` rows, so
     a row's arithmetic is the same program whatever the device count (letting the SPMD partitioner
     reshard the doubled in-situ batch changed results by ~1e-4 on 4 CPU devices). `sample_kwargs`
     go to `sampling.sample` (method, guidance, strength, blocks, interval, num_steps, …) and are
-    fixed for the sampler's life: one compilation per configuration.
+    fixed for the sampler's life: one compilation per configuration. terms_of: None, or guide →
+    the guidance terms (a guidance configuration's, `generation.guidance_terms`), given as `terms`.
     """
     def per_device(net, guide, noise, labels, key_data):
         keys = jax.random.wrap_key_data(key_data)
-        return sampling.sample(net, noise, labels, guide=guide, keys=keys, **sample_kwargs)
+        guiding = {'guide': guide} if terms_of is None else {'terms': terms_of(guide)}
+        return sampling.sample(net, noise, labels, keys=keys, **guiding, **sample_kwargs)
 
     mapped = jax.shard_map(per_device, mesh=layout.mesh, in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS)),
                            out_specs=P(AXIS))

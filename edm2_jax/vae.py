@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from edm2_jax.decoder import DecoderSpec, as_spec, edm2_scale_bias  # noqa: F401 - vae.edm2_scale_bias
+from edm2_jax.decoder import DecoderSpec, as_spec
 
 FORMAT = 'edm2-jax-vae'
 GROUP_NORM_EPS = 1e-6            # diffusers' Decoder uses eps=1e-6 for every GroupNorm

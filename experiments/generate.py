@@ -20,7 +20,6 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
 from absl import app, flags
 
 from edm2_jax import generation, methods
@@ -37,7 +36,9 @@ FLAGS = flags.FLAGS
 def method_settings(f) -> dict:
     """The guidance method's settings from the flags: net, gnet, method, guidance, strength, blocks,
     window, interval, interval_steps (or a UserError naming the flag); checked by the registry."""
-    s = {}
+    if f.guidance_config is not None:
+        return config_settings(f)
+    s = {'guidance_config': None}
     if f.preset is not None:
         if f.preset not in PUBLISHED:
             raise UserError(f'unknown --preset {f.preset!r}; known: {", ".join(sorted(PUBLISHED))}')
@@ -80,6 +81,33 @@ def method_settings(f) -> dict:
     s['interval'] = _pair(f.interval, float, 'interval')
     s['interval_steps'] = _pair(f.interval_steps, int, 'interval_steps')
     return s
+
+
+CONFIG_EXCLUDES = ('preset', 'method', 'guidance', 'w', 'strength', 'blocks', 'window', 'interval',
+                   'interval_steps')
+
+
+def config_settings(f) -> dict:
+    """The guidance settings of --guidance_config=FILE.json (`edm2_jax.guidance_config`): its terms
+    replace --method and its flags; the role "gnet" is --gnet."""
+    from edm2_jax import guidance_config
+    clash = [n for n in CONFIG_EXCLUDES if getattr(f, n) is not None]
+    if clash:
+        raise UserError(f'the guidance configuration sets the guidance; do not also give '
+                        f'{", ".join("--" + n for n in clash)}', where='--guidance_config')
+    if f.net is None:
+        raise UserError('give --net (a converted checkpoint directory)')
+    config = guidance_config.read(f.guidance_config)
+    unknown = guidance_config.roles(config) - {'gnet'}
+    if unknown:
+        raise UserError(f'guide role(s) {", ".join(sorted(unknown))} unknown: generate has only "gnet" (--gnet)',
+                        where=f.guidance_config)
+    uses_gnet = 'gnet' in guidance_config.roles(config)
+    if uses_gnet != (f.gnet is not None):
+        raise UserError('a term uses "guide": "gnet" but no --gnet was given' if uses_gnet else
+                        'no term uses "guide": "gnet"; give no --gnet', where=f.guidance_config)
+    return dict(net=f.net, gnet=f.gnet, method=None, guidance=None, strength=None, blocks=None, window=None,
+                interval=None, interval_steps=None, guidance_config=config)
 
 
 def sampler_settings(f) -> dict:
@@ -134,21 +162,21 @@ def _check_checkpoint(path, name, preset):
 
 def _check_guidance(s):
     """The guidance term checked against the networks' configs (blocks, strength range, window,
-    guide shape and labels) before any weights are read."""
+    guide shape and labels) before any weights are read — and before JAX starts (multi-host runs
+    initialise jax.distributed first)."""
     import types
-    from edm2_jax import checkpoint, denoiser, sampling
-    if s['method'] == 'none':
+    from edm2_jax import checkpoint, denoiser
+    if s['guidance_config'] is None and s['method'] == 'none':
         return
 
-    def stub(path):
-        return None if path is None else types.SimpleNamespace(
-            config=checkpoint.network_config(path, checkpoint.read_meta(path)))
+    def config(path):
+        return checkpoint.network_config(path, checkpoint.read_meta(path))
+    guide = None if s['gnet'] is None else types.SimpleNamespace(config=config(s['gnet']))
     try:
-        terms = sampling.guidance_terms(s['method'], s['guidance'], s['strength'], guide=stub(s['gnet']),
-                                        blocks=s['blocks'], window=s['window'])
-        denoiser.prepare_terms(stub(s['net']), terms, np.float32)
+        denoiser.check_terms(config(s['net']), generation.guidance_terms(s, guide))
     except (TypeError, ValueError) as e:
-        raise UserError(str(e), where=f"--method={s['method']}") from None
+        where = f"--method={s['method']}" if s['guidance_config'] is None else '--guidance_config'
+        raise UserError(str(e), where=where) from None
 
 
 def _class(class_idx, net):
@@ -193,6 +221,9 @@ def define_flags() -> None:
     flags.DEFINE_list('window', None, 'swg window "size,stride" in pixels (default: the library\'s).')
     flags.DEFINE_list('interval', None, 'Guide only for sigma in (lo, hi]: "lo,hi".')
     flags.DEFINE_list('interval_steps', None, 'Guide only at steps start <= i <= stop: "start,stop".')
+    flags.DEFINE_string('guidance_config', None, 'A guidance configuration (edm2_jax.guidance_config): '
+                        'JSON terms with methods, weights, schedules, intervals and rules, instead of --method '
+                        'and its flags; "guide": "gnet" is --gnet. Stored in run.json and summary.json.')
     flags.DEFINE_enum('fusion', 'prefix', ['prefix', 'fused', 'unfused'], 'How the passes of the main '
                       'network and the guides that share its parameters run (edm2_jax.denoiser).')
     flags.DEFINE_integer('num_steps', 32, 'Sampler steps (2N - 1 evaluations per network).')
@@ -227,19 +258,17 @@ def define_flags() -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    if FLAGS.multihost:  # first: jax.distributed must start before anything else uses JAX
+        generation.start_multihost(**{k: v for k, v in (('coordinator_address', FLAGS.coordinator_address),
+                                                        ('num_processes', FLAGS.num_processes),
+                                                        ('process_id', FLAGS.process_id)) if v is not None})
     s = resolve_settings(FLAGS)
     generation.claim_outdir(s)
-    if s['guidance'] < 1:
+    if s['guidance'] is not None and s['guidance'] < 1:
         print(f"generate: warning: guidance g = {s['guidance']} < 1 (weight w = g - 1 < 0) pushes samples "
               'towards the guide: legitimate, but unusual', file=sys.stderr)
-    multihost = None
-    if FLAGS.multihost:
-        multihost = {k: v for k, v in (('coordinator_address', FLAGS.coordinator_address),
-                                       ('num_processes', FLAGS.num_processes),
-                                       ('process_id', FLAGS.process_id)) if v is not None}
     try:
-        summary = generation.generate(s, multihost_kwargs=multihost, progress=FLAGS.progress,
-                                      compile_cache=FLAGS.compile_cache)
+        summary = generation.generate(s, progress=FLAGS.progress, compile_cache=FLAGS.compile_cache)
     except generation.Interrupted as e:
         print(f'generate: {e}', file=sys.stderr)
         sys.exit(130)

@@ -28,6 +28,7 @@ from edm2_jax import checkpoint, io
 from edm2_jax.errors import cli_main
 from edm2_jax import guidance as G
 from edm2_jax import methods as registry
+from edm2_jax import rules
 from edm2_jax.toy import metrics as metrics_lib
 from edm2_jax.toy import fractal as mixture_lib
 from edm2_jax.toy import plot as plot_lib
@@ -79,6 +80,11 @@ def cfg(w, interval=None):
     return Method(name, registry.terms('cfg', w, guide='cfg'), interval)
 
 
+def cfg_rule(w, name, rule):
+    """CFG on the cfg model under a rule (edm2_jax.rules), e.g. CFG rescale or CFG-Zero*."""
+    return Method(f'{name} w={w:g}', registry.terms('cfg', w, guide='cfg', rule=rule))
+
+
 def ag(w):
     return Method(f'autoguidance w={w:g}', registry.terms('autoguidance', w, guide='ag'))
 
@@ -123,7 +129,9 @@ def default_methods():
             + [insitu(w, p) for p in (0.02, 0.05, 0.1) for w in (1.0, 2.0)]
             + [skip_layer(w, i) for i in SKIP_LAYERS for w in (1.0, 2.0)]
             + [sigma_shift(w, d) for d in SHIFT_DELTAS for w in (1.0, 2.0)]
-            + [hybrid(2.0, 0.05, 'ag'), two_term(1.0, 1.0, 0.05, 'ag'), insitu_schedule(2.0)])
+            + [hybrid(2.0, 0.05, 'ag'), two_term(1.0, 1.0, 0.05, 'ag'), insitu_schedule(2.0)]
+            + [cfg_rule(3.0, 'cfg-rescale φ=0.7', rules.Rescale(0.7)),
+               cfg_rule(3.0, 'cfg-zero* zero-init 1', rules.ZeroStar(zero_init_steps=1))])
 
 
 def quick_methods():

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from edm2_jax import vae
+from edm2_jax import decoder, vae
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('batch_size', 1, 'latents per decode call')
@@ -30,17 +30,17 @@ def main(argv):
     rng = np.random.default_rng(0)
     variables = jax.tree.map(lambda a: (0.02 * rng.standard_normal(a.shape)).astype(np.float32),
                              vae.abstract_variables(config))
-    decoder = jax.device_put(vae.VAEDecoder(variables, config, jnp.dtype(FLAGS.dtype)))
-    scale, bias = vae.edm2_scale_bias()
+    net = jax.device_put(vae.VAEDecoder(variables, config, jnp.dtype(FLAGS.dtype)))
+    scale, bias = decoder.edm2_scale_bias()
     x = jnp.asarray(rng.standard_normal((FLAGS.batch_size, FLAGS.latent_size, FLAGS.latent_size, 4)),
                     jnp.float32)
     start = time.perf_counter()
-    compiled = jax.jit(lambda d, x: vae.latents_to_uint8(d, x, scale, bias)).lower(decoder, x).compile()
+    compiled = jax.jit(lambda d, x: vae.latents_to_uint8(d, x, scale, bias)).lower(net, x).compile()
     compile_s = time.perf_counter() - start
     times, cpu_times = [], []
     for _ in range(FLAGS.repeats):
         start, cpu_start = time.perf_counter(), time.process_time()
-        compiled(decoder, x).block_until_ready()
+        compiled(net, x).block_until_ready()
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
     per_batch = statistics.median(times)

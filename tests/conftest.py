@@ -24,3 +24,20 @@ def reference_dir() -> Path:
 @pytest.fixture(scope='session')
 def tiny_cond(reference_dir):
     return dict(np.load(reference_dir / 'tiny_cond.npz'))
+
+
+@pytest.fixture(scope='module')
+def nets():
+    """A micro network and a second one as its guide, both logging their passes (helpers.Recorded)."""
+    from edm2_jax import EDM2Config
+    from helpers import MICRO_CONFIG, Recorded, random_network
+    config = EDM2Config(**MICRO_CONFIG)
+    return (Recorded(random_network(config, 0, gains=(0.4, 1.3)), 'net'),
+            Recorded(random_network(config, 1, gains=(0.4, 1.3)), 'gnet'))
+
+
+@pytest.fixture(scope='module')
+def batch(nets):
+    """Sampler inputs of seeds 0 … 7 for the micro network."""
+    from edm2_jax import sampling
+    return sampling.network_inputs(nets[0], np.arange(8))

@@ -1,6 +1,9 @@
 """Helpers shared by the test modules (plain functions and classes; the fixtures are in conftest.py,
 which re-exports these names). Test modules import from here, never from each other."""
 import functools
+import os
+import sys
+from pathlib import Path
 from typing import Any
 
 import flax.struct
@@ -170,3 +173,29 @@ def heun_evals(num_steps, sigma_max=80.0):
     from edm2_jax import sampling
     t = np.asarray(sampling.sigma_steps(num_steps, sigma_max=sigma_max), np.float64)
     return [(s, i) for i in range(num_steps) for s in ([t[i], t[i + 1]] if i < num_steps - 1 else [t[i]])]
+
+
+STEPS = 4            # sampler steps of the guidance tests on the micro network
+SAMPLER_RTOL = 1e-4  # fused vs unfused, batch sizes: XLA CPU's conv/GEMM summation order depends on the
+#                      batch size (~1 ulp per network evaluation), which the sampler carries along
+MICRO_CONFIG = dict(img_resolution=8, img_channels=2, label_dim=3, model_channels=16, channel_mult=(1,),
+                    num_blocks=1, attn_resolutions=())
+
+
+def assert_close(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    assert np.abs(a - b).max() <= SAMPLER_RTOL * np.abs(b).max(), (np.abs(a - b).max(), np.abs(b).max())
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cpu_env(**extra):
+    """The environment of a CLI subprocess: CPU only, the suite's fast compile setting."""
+    env = dict(os.environ, JAX_PLATFORMS='cpu', **extra)
+    env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0').strip()
+    return env
+
+
+def generate_cmd(*args):
+    return [sys.executable, '-m', 'experiments.generate', *args]

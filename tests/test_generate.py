@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,27 +14,17 @@ import pytest
 from edm2_jax import checkpoint, generation, io
 from edm2_jax.config import EDM2Config
 from edm2_jax.errors import UserError
-from helpers import write_tiny_checkpoint
+from helpers import ROOT, cpu_env, generate_cmd, write_tiny_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _cmd(*args):
-    return [sys.executable, '-m', 'experiments.generate', *args]
+_cmd, _env = generate_cmd, cpu_env
 
 
-def _env(**extra):
-    env = dict(os.environ, JAX_PLATFORMS='cpu', **extra)
-    env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0').strip()
-    return env
-
-
-def config_only_checkpoint(net):
+def config_only_checkpoint(net, label_dim=0):
     """A checkpoint directory with a valid config.json and no weights: the flag checks read the
     config; loading the weights would fail."""
     (net / 'variables').mkdir(parents=True)
-    config = EDM2Config(img_resolution=8, img_channels=3, label_dim=0, model_channels=16, channel_mult=(1, 2),
-                        num_blocks=1, attn_resolutions=(4,))
+    config = EDM2Config(img_resolution=8, img_channels=3, label_dim=label_dim, model_channels=16,
+                        channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,))
     (net / 'config.json').write_text(json.dumps({'format': checkpoint.FORMAT, 'config': config.to_dict(),
                                                  'decoder': {'type': 'rgb'}}))
     return net
@@ -84,7 +73,7 @@ def test_bad_flags_fail_fast(tmp_path, args, message):
 def test_unusable_outdir_fails_before_loading(tmp_path):
     """A file as --outdir, a folder inside a file, a read-only folder: one line, exit 2, and the
     (unloadable) checkpoint never read; a negative guidance weight only warns."""
-    net = config_only_checkpoint(tmp_path / 'net')  # loading it would fail with another message
+    net = config_only_checkpoint(tmp_path / 'net', label_dim=10)  # loading it would fail with another message
     (tmp_path / 'file').write_text('x')
     read_only = tmp_path / 'ro'
     read_only.mkdir()

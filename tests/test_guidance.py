@@ -7,23 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from edm2_jax import EDM2Config
 from edm2_jax import denoiser as D
 from edm2_jax import guidance as G
 from edm2_jax import perturb as P
 from edm2_jax import methods as M
 from edm2_jax import sampling as S
-from helpers import TRACES, Recorded, heun_evals, numpy_heun, random_network, run_recorded
-
-STEPS = 4
-SAMPLER_RTOL = 1e-4  # fused vs unfused, batch sizes: XLA CPU's conv/GEMM summation order depends on the
-#                      batch size (~1 ulp per network evaluation), which the sampler carries along
-
-
-def assert_close(a, b):
-    a, b = np.asarray(a), np.asarray(b)
-    assert np.abs(a - b).max() <= SAMPLER_RTOL * np.abs(b).max(), (np.abs(a - b).max(), np.abs(b).max())
-
+from helpers import STEPS, TRACES, assert_close, heun_evals, numpy_heun, run_recorded
 
 # ---------------------------------------------------------------------------------------------------
 # Schedules and intervals.
@@ -129,21 +118,6 @@ def test_keys_fresh_per_sample_step_and_evaluation_and_batch_independent():
 
 # ---------------------------------------------------------------------------------------------------
 # EDM2 networks: a one-level network (compiles fast) with non-zero gains, so dropout changes D.
-
-MICRO = EDM2Config(img_resolution=8, img_channels=2, label_dim=3, model_channels=16, channel_mult=(1,),
-                   num_blocks=1, attn_resolutions=())
-
-
-@pytest.fixture(scope='module')
-def nets():
-    return (Recorded(random_network(MICRO, 0, gains=(0.4, 1.3)), 'net'),
-            Recorded(random_network(MICRO, 1, gains=(0.4, 1.3)), 'gnet'))
-
-
-@pytest.fixture(scope='module')
-def batch(nets):
-    return S.network_inputs(nets[0], np.arange(8))
-
 
 def insitu(net, inputs, fusion='prefix', w=1.0, p=0.2, **kwargs):
     return S.sample(net, inputs.noise, inputs.class_labels, method='insitu', guidance=1 + w,

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edm2_jax import io, parallel
+from edm2_jax import decoder, io, parallel
 from helpers import write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,21 +82,18 @@ def _load(outdir):
 
 @pytest.mark.slow
 def test_same_images_for_every_layout(layouts):
-    """Raw samples are bit-identical for 1 and 2 devices and 2 processes × 2 devices (same per-device
-    batch, so the same per-device program). With 4 devices in one process XLA:CPU compiles the
-    per-device program differently (we measured the direct single-device sampler change by the same
-    amount when 4 CPU devices exist), so there we allow the ulp-level differences the sampler
-    amplifies (≈2e-4 after 4 steps at σ_max 80) and PNG pixels within 1 level."""
+    """Every seed gets the same image for 1, 2 and 4 devices and 2 processes × 2 devices (the same
+    per-device batch, so the same per-device program) up to float32 rounding: XLA:CPU may compile that
+    program differently when several devices exist (bit-identical on some CPUs; on the AVX-512 Xeon
+    this suite was last run on, 2 and 4 devices moved single ulps, which the sampler amplifies to
+    ≈5e-4 after 4 steps at σ_max 80), so raw samples agree within 2e-3 and PNG pixels within 1 level."""
     raw1, png1 = _load(layouts / '1dev')
     assert np.isfinite(raw1).all() and raw1.std() > 0.05 and png1.std() > 5
     assert len({raw1[i].tobytes() for i in range(7)}) == 7  # every seed its own image
-    for name in ('2dev', '2x2'):
+    for name in ('2dev', '4dev', '2x2'):
         raw, png = _load(layouts / name)
-        np.testing.assert_array_equal(raw, raw1, err_msg=name)
-        np.testing.assert_array_equal(png, png1, err_msg=name)
-    raw4, png4 = _load(layouts / '4dev')
-    np.testing.assert_allclose(raw4, raw1, rtol=0, atol=2e-3)
-    assert np.abs(png4.astype(int) - png1).max() <= 1
+        np.testing.assert_allclose(raw, raw1, rtol=0, atol=2e-3, err_msg=name)
+        assert np.abs(png.astype(int) - png1).max() <= 1, name
     assert not list(layouts.glob(f'*/{io.TMP_PREFIX}*'))
 
 
@@ -119,7 +116,7 @@ def test_sharded_vae_decoder_matches_host_decode():
                                       vae.abstract_variables(config)), config)
     layout = parallel.Layout(parallel.data_mesh(), 4)
     x = rng.standard_normal((layout.global_batch, 8, 8, 4)).astype(np.float32)
-    scale, bias = vae.edm2_scale_bias()
+    scale, bias = decoder.edm2_scale_bias()
     meta = {'type': 'sd-vae', 'scale': scale.tolist(), 'bias': bias.tolist()}
     decode = parallel.make_decoder(layout, meta, dec, chunk=2)
     got = parallel.local_rows(decode(jax.device_put(x, parallel.batch_sharding(layout.mesh))))

@@ -218,8 +218,9 @@ def test_every_quick_method_is_accepted_by_the_sampler():
     ctx = SM.Context(cfg, *nets[1:])
     methods = SM.all_methods(ctx, quick=True)
     names = [m.name for m in methods]
-    assert names == ['none', 'cfg', 'cfg-interval', 'autoguidance', 'insitu', 'insitu-encoder',
-                     'insitu-decoder', 'insitu-16x16', 'insitu-8x8', 'hybrid', 'pag', 'slg', 'sigma-shift', 'swg']
+    assert names == ['none', 'cfg', 'cfg-interval', 'cfg-rescale', 'cfg-zerostar', 'autoguidance', 'insitu',
+                     'insitu-encoder', 'insitu-decoder', 'insitu-16x16', 'insitu-8x8', 'hybrid', 'pag', 'slg',
+                     'sigma-shift', 'swg']
     schedule = SM.schedule_method({'w': 1.0, 'p': 0.2})
     assert len(schedule.grid) == 8 and max(s['p_lo'] for s in schedule.grid) == 0.4
     methods += [schedule, SM.apg_method(schedule, schedule.grid[0], quick=True)]
@@ -238,9 +239,9 @@ def test_every_quick_method_is_accepted_by_the_sampler():
     assert all('8x8' in n for n in levels['8x8']) and 'enc.8x8_down' in levels['8x8']
     # Without a guide / unconditional net / attention, those methods are left out and listed.
     bare = SM.Context(cfg.replace(channels_per_head=64))
-    assert {m.name for m in SM.all_methods(bare, True)}.isdisjoint({'cfg', 'cfg-interval', 'autoguidance',
-                                                                    'hybrid', 'pag'})
-    assert set(SM.skipped_methods(bare)) == {'cfg', 'cfg-interval', 'autoguidance', 'hybrid', 'pag'}
+    needing = {'cfg', 'cfg-interval', 'cfg-rescale', 'cfg-zerostar', 'autoguidance', 'hybrid', 'pag'}
+    assert {m.name for m in SM.all_methods(bare, True)}.isdisjoint(needing)
+    assert set(SM.skipped_methods(bare)) == needing
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from convert import readers
 from convert import vae as convert_vae
-from edm2_jax import vae
+from edm2_jax import decoder, vae
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {
@@ -211,7 +211,7 @@ def test_decoded_shape_and_abstract_layout():
 # Spec §3.3 conventions, checked against independent numpy arithmetic
 
 def test_edm2_scale_bias_match_spec():
-    scale, bias = vae.edm2_scale_bias()
+    scale, bias = decoder.edm2_scale_bias()
     assert scale.dtype == bias.dtype == np.float32
     np.testing.assert_allclose(scale, SPEC_SCALE, rtol=1e-7)
     np.testing.assert_allclose(bias, SPEC_BIAS, rtol=1e-6)
@@ -244,7 +244,7 @@ def test_latents_to_uint8_full_path():
     decoder_fn = lambda raw: raw[..., :3] * 0.1 + 0.3  # noqa: E731
     raw = np.array([5.81, 3.25, 0.12, -2.15]) + np.array([4.17, 4.62, 3.71, 3.28]) * x / 0.5
     expected = np.floor(np.clip(raw[..., :3] * 0.1 + 0.3, 0, 1) * 255).astype(np.uint8)
-    scale, bias = vae.edm2_scale_bias()
+    scale, bias = decoder.edm2_scale_bias()
     got = np.asarray(jax.jit(vae.latents_to_uint8, static_argnums=0)(decoder_fn, x, scale, bias))
     assert got.dtype == np.uint8
     # float32 rounding may move a value sitting on an integer boundary by one step
@@ -255,7 +255,7 @@ def test_chunked_decode_equals_one_batch(two_level):
     variables, config, _ = convert_vae.load_source(two_level['root'] / 'diffusers')
     decoder = vae.VAEDecoder(variables, config)
     x = np.random.default_rng(3).standard_normal((3, 8, 8, 4)).astype(np.float32)
-    scale, bias = vae.edm2_scale_bias()
+    scale, bias = decoder.edm2_scale_bias()
     whole = np.asarray(vae.latents_to_uint8(decoder, x, scale, bias))
     chunked = vae.decode_latents_to_uint8(decoder, x, scale, bias, batch_size=2)
     np.testing.assert_array_equal(chunked, whole)
@@ -266,7 +266,7 @@ def test_chunked_decode_equals_one_batch(two_level):
 SHARDED_SCRIPT = """
 import jax, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from edm2_jax import vae
+from edm2_jax import decoder, vae
 assert len(jax.devices()) == 2
 config = vae.VAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8)
 rng = np.random.default_rng(0)
@@ -275,7 +275,7 @@ dec = vae.VAEDecoder(jax.tree.map(lambda a: 0.1 * rng.standard_normal(a.shape).a
 mesh = jax.make_mesh((2,), ('data',))
 rep = jax.device_put(dec, NamedSharding(mesh, P()))
 x = np.random.default_rng(0).standard_normal((5, 8, 8, 4)).astype(np.float32)
-s, b = vae.edm2_scale_bias()
+s, b = decoder.edm2_scale_bias()
 a = vae.decode_latents_to_uint8(rep, x, s, b, batch_size=4, sharding=NamedSharding(mesh, P('data')))
 c = vae.decode_latents_to_uint8(dec, x, s, b, batch_size=4)
 assert a.shape == (5, 16, 16, 3) and np.abs(a.astype(int) - c).max() <= 1, np.abs(a.astype(int) - c).max()
@@ -336,7 +336,7 @@ def test_converter_errors(two_level, tmp_path):
 def test_decode_errors(tmp_path):
     with pytest.raises(ValueError, match='channels'):
         vae.decode_latents_to_uint8(vae.VAEDecoder({}, vae.VAEConfig(**SMALL['two_level'])),
-                                    np.zeros((1, 8, 8, 3)), *vae.edm2_scale_bias())
+                                    np.zeros((1, 8, 8, 3)), *decoder.edm2_scale_bias())
     with pytest.raises(ValueError, match='latent model'):
         vae.make_image_decoder({'type': 'sd-vae', 'scale': SPEC_SCALE, 'bias': SPEC_BIAS})
     with pytest.raises(ValueError, match='norm_num_groups'):

@@ -68,11 +68,13 @@ FULL = dict(
     shift=(0.1, 0.3, 1.0),
     schedule_sigmas=(0.2, 20.0),
     apg_eta=(0.0, 0.5), apg_momentum=(0.0, -0.5), apg_scale=(1.0, 2.0),
+    rescale_phi=(0.3, 0.7), zero_init=(0, 1),
 )
 QUICK = dict(
     w=(0.5, 2.0), w_fine=(0.5, 2.0), w_insitu=(0.5, 2.0), w_small=(1.0,), w_hybrid=(1.0,), p=(0.1, 0.3), p_small=(0.2,),
     intervals=((0.28, 5.42),), shift=(0.3,), schedule_sigmas=(0.2, 20.0),
     apg_eta=(0.0,), apg_momentum=(0.0, -0.5), apg_scale=(1.0,),
+    rescale_phi=(0.7,), zero_init=(1,),
 )
 
 
@@ -142,6 +144,12 @@ def all_methods(ctx: Context, quick: bool = False) -> list[Method]:
                tuple({**d, 'lo': lo, 'hi': hi} for d in _grid(**cfg_interval) for lo, hi in g['intervals']),
                lambda s, ctx: dict(method='cfg', guidance=_g(s), guide=ctx.uncond, interval=(s['lo'], s['hi'])),
                needs='uncond'),
+        Method('cfg-rescale', _grid(w=g['w_fine'][-4:], phi=g['rescale_phi']),
+               lambda s, ctx: dict(method='cfg', guidance=_g(s), guide=ctx.uncond, rule=rules.Rescale(s['phi'])),
+               needs='uncond'),
+        Method('cfg-zerostar', _grid(w=g['w_fine'], zero_init=g['zero_init']),
+               lambda s, ctx: dict(method='cfg', guidance=_g(s), guide=ctx.uncond,
+                                   rule=rules.ZeroStar(zero_init_steps=s['zero_init'])), needs='uncond'),
         Method('autoguidance', _grid(w=g['w_fine']),
                lambda s, ctx: dict(method='autoguidance', guidance=_g(s), guide=ctx.guide), needs='guide'),
         Method('insitu', _grid(w=g['w_insitu'], p=g['p']), _insitu('all')),
@@ -170,7 +178,8 @@ def skipped_methods(ctx: Context) -> dict[str, str]:
     """Methods left out for these networks, with the reason."""
     out = {}
     if ctx.uncond is None:
-        out.update({'cfg': 'no unconditional network (--uncond)', 'cfg-interval': 'no --uncond'})
+        out.update({'cfg': 'no unconditional network (--uncond)', 'cfg-interval': 'no --uncond',
+                    'cfg-rescale': 'no --uncond', 'cfg-zerostar': 'no --uncond'})
     if ctx.guide is None:
         out.update({'autoguidance': 'no guide network (--guide)', 'hybrid': 'no --guide'})
     if not has_attention(ctx.config):
@@ -179,6 +188,9 @@ def skipped_methods(ctx: Context) -> dict[str, str]:
 
 
 APG_KEYS = ('apg_scale', 'eta', 'momentum')
+
+
+RULE_ROWS = ('cfg-rescale', 'cfg-zerostar')  # rows that carry their own rule: not a base for APG
 
 
 def apg_method(best: Method, best_setting: dict, quick: bool = False) -> Method:

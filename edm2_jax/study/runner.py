@@ -137,7 +137,7 @@ def run_model(runner: Runner, model: str, net, ctx: grids.Context, only=None) ->
         tune(m)
     if wanted(grids.SCHEDULE):
         tune(grids.schedule_method(tuned['insitu'][1], quick=runner.p.quick))
-    guided = [n for n in entries if n != 'none']
+    guided = [n for n in entries if n != 'none' and n not in grids.RULE_ROWS]
     if guided and wanted(APG):
         best = min(guided, key=lambda n: min(_fd(r) for r in entries[n]))
         tune(grids.apg_method(*tuned[best], quick=runner.p.quick))

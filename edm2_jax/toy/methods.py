@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from edm2_jax import guidance as G
+from edm2_jax import rules as R
 from edm2_jax import sampling
 from edm2_jax.toy import fractal as mixture_lib
 from edm2_jax.toy import model as model_lib
@@ -47,18 +48,18 @@ def _model_denoiser(config, params, perturbation=()):
     return denoise
 
 
-def _guided_denoiser(configs, params, weights, perturbations, interval):
-    """configs/params: main first, then one per term; perturbations one per term."""
+def _guided_denoiser(configs, params, weights, perturbations, interval, rules):
+    """configs/params: main first, then one per term; perturbations and rules one per term."""
     main = _model_denoiser(configs[0], params[0])
     guides = [_model_denoiser(c, p, q) for c, p, q in zip(configs[1:], params[1:], perturbations)]
     if not guides:
         return main
-    return G.guide_with(main, guides, list(weights), interval)
+    return G.guide_with(main, guides, list(weights), interval, rules=rules)
 
 
 @functools.partial(jax.jit, static_argnames=('configs', 'path'))
-def _run(params, noise, keys, weights, perturbations, interval, t_steps, *, configs, path):
-    denoise = _guided_denoiser(configs, params, weights, perturbations, interval)
+def _run(params, noise, keys, weights, perturbations, interval, rules, t_steps, *, configs, path):
+    denoise = _guided_denoiser(configs, params, weights, perturbations, interval, rules)
     return sampling.heun_loop(denoise, noise, keys, t_steps, return_trajectory=path)
 
 
@@ -97,7 +98,8 @@ def _inputs(method: Method, models: dict[str, Model]):
                                 for p in model_lib.resolve_perturbation(c, t.perturbation))
                           for c, t in zip(configs[1:], method.terms))
     interval = None if method.interval is None else G.Interval.sigmas(*method.interval)
-    return configs, params, weights, perturbations, interval
+    rules = tuple(R.prepared(t.rule, jnp.float32, f'{method.name}: rule') for t in method.terms)
+    return configs, params, weights, perturbations, interval, rules
 
 
 def time_steps(sigma_max: float = SIGMA_MAX, num_steps: int = NUM_STEPS):
@@ -118,6 +120,6 @@ def sample(method: Method, models: dict[str, Model], noise, keys, t_steps=None, 
     t_steps = time_steps() if t_steps is None else t_steps
     if method.name == 'exact_ode':
         return _run_exact(noise, t_steps, path=trajectory)
-    configs, params, weights, perturbations, interval = _inputs(method, models)
-    return _run(params, noise, keys, weights, perturbations, interval, t_steps, configs=configs,
+    configs, params, weights, perturbations, interval, rules = _inputs(method, models)
+    return _run(params, noise, keys, weights, perturbations, interval, rules, t_steps, configs=configs,
                 path=trajectory)
