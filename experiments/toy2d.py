@@ -2,7 +2,7 @@
 orbax under --outdir), samples with every guidance method from common start points, and writes
 figure.png, metrics.json (method → metric → value, with the exact-vs-exact row 'exact') and metrics.md.
 
-  python -m experiments.toy2d                  # the demo: 129 s on a 2-core CPU (shared, load 6), bundled models
+  python -m experiments.toy2d                  # the demo: 89 s on a 2-core CPU (shared, load 4), bundled models
   python -m experiments.toy2d --quick          # tiny models, < 1 min (tests / CI)
   python -m experiments.toy2d --large          # 4× the samples (16384 per method), the same models
   python -m experiments.toy2d --sweep          # + in-situ (p, w) heat-maps (sweep.png)
