@@ -1,5 +1,5 @@
-"""The 2-D toy experiment (docs/toy2d-spec.md): trains the main model and the two guides (cached with
-orbax under --outdir), samples with every guidance method from common start points, and writes
+"""The 2-D toy experiment (docs/toy2d-spec.md): takes the main model and the two guides from
+experiments/toy2d_models (or trains them, cached with orbax under --outdir/models), samples with every guidance method from common start points, and writes
 figure.png, metrics.json (method → metric → value, with the exact-vs-exact row 'exact') and metrics.md.
 
   python -m experiments.toy2d                  # the demo: 89 s on a 2-core CPU (shared, load 4), bundled models
