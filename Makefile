@@ -11,7 +11,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CACHE ?= .cache
 FMNIST_PRESETS := fmnist-main fmnist-main-drop fmnist-guide fmnist-uncond
 
-.PHONY: setup setup-test data demo test test-fast train evaluator study clean
+.PHONY: setup setup-test data demo tutorial test test-fast train evaluator study clean
 
 setup: $(VENV)/.installed
 
@@ -40,6 +40,10 @@ $(FMNIST)/train-images-idx3-ubyte.gz:
 demo: setup
 	$(PY) -m experiments.toy2d
 
+# A tiny random network → images with three guidance methods → a grid and a score (examples/tutorial.py).
+tutorial: setup
+	$(PY) examples/tutorial.py --out=tutorial_out
+
 test: setup-test
 	$(PY) -m pytest -q --durations=15 tests
 
@@ -66,4 +70,4 @@ study: train evaluator
 	    --out=$(CACHE)/study $(STUDY_FLAGS)
 
 clean:
-	rm -rf $(VENV) toy2d_out
+	rm -rf $(VENV) toy2d_out tutorial_out

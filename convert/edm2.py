@@ -82,12 +82,13 @@ def resolve_config(shapes: Mapping[str, tuple], architecture: dict | None, prese
     return config
 
 
-def _decoder(choice: str, source: readers.Source, config: EDM2Config) -> DecoderSpec | None:
-    """--decoder: 'auto' = what the file says, else SD-VAE for 4 channels and RGB for 3."""
+def decoder_spec(choice: str, recorded: DecoderSpec | None, config: EDM2Config) -> DecoderSpec | None:
+    """--decoder: 'auto' = the `recorded` one (what the file says), else SD-VAE for 4 channels and
+    RGB for 3."""
     if choice == 'none':
         return None
-    if choice == 'auto' and source.decoder is not None:
-        decoder = source.decoder
+    if choice == 'auto' and recorded is not None:
+        decoder = recorded
     elif choice == 'rgb' or (choice == 'auto' and config.img_channels == 3):
         decoder = DecoderSpec('rgb')
     elif choice == 'sd-vae' or (choice == 'auto' and config.img_channels == 4):
@@ -140,7 +141,7 @@ def convert_checkpoint(src, dst, *, network: str | None = None, prefix: str = ''
         _check_tensors(state_dict)
         shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
         config = resolve_config(shapes, source.architecture, preset, architecture)
-        decoder_meta = _decoder(decoder, source, config)
+        decoder_meta = decoder_spec(decoder, source.decoder, config)
     except UserError as e:  # every message names the file
         if e.where is not None:
             raise
@@ -180,7 +181,12 @@ def _define_flags():
                       'weights are float16).')
     flags.DEFINE_enum('decoder', 'auto', list(DECODERS), 'Decoder recorded in config.json: auto = the '
                       'pickle\'s encoder, else SD-VAE for 4 channels and RGB for 3.')
-    # Architecture (EDM2Config fields); unset = from the file / preset / inferred from the shapes.
+    define_architecture_flags()  # unset = from the file / preset / inferred from the shapes
+    flags.mark_flags_as_required(['src', 'dst'])
+
+
+def define_architecture_flags():
+    """One flag per EDM2Config field (also used by `convert.random`)."""
     for name in ('img_resolution', 'img_channels', 'label_dim', 'model_channels', 'channel_mult_noise',
                  'channel_mult_emb', 'num_blocks', 'channels_per_head', 'logvar_channels'):
         flags.DEFINE_integer(name, None, f'Architecture: EDM2Config.{name}.')
@@ -189,10 +195,10 @@ def _define_flags():
     for name in ('label_balance', 'concat_balance', 'res_balance', 'attn_balance', 'clip_act',
                  'sigma_data', 'dropout'):
         flags.DEFINE_float(name, None, f'Architecture: EDM2Config.{name}.')
-    flags.mark_flags_as_required(['src', 'dst'])
 
 
-def _architecture_flags() -> dict:
+def architecture_flags() -> dict:
+    """The architecture flags given (EDM2Config fields)."""
     arch = {}
     for name in ARCH_FIELDS:
         value = FLAGS[name].value
@@ -211,12 +217,10 @@ def _architecture_flags() -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-    if not FLAGS['verbosity'].present:
-        logging.set_verbosity(logging.WARNING)  # orbax and jax are chatty at INFO
     start = time.perf_counter()
     out = convert_checkpoint(FLAGS.src, FLAGS.dst, network=FLAGS.network, prefix=FLAGS.prefix,
                              preset=FLAGS.preset, dtype=FLAGS.dtype, decoder=FLAGS.decoder,
-                             overwrite=FLAGS.overwrite, **_architecture_flags())
+                             overwrite=FLAGS.overwrite, **architecture_flags())
     meta = checkpoint.read_meta(out)
     print(f'wrote {out} in {time.perf_counter() - start:.1f} s\n'
           f'  source:  {meta["source"]}\n  config:  {EDM2Config.from_dict(meta["config"])}\n'

@@ -2,7 +2,9 @@
 
 Loaders and validators raise `UserError`; every command-line entry point runs its main through
 `cli_main`, which prints `<program>: error: <message>` on one line and exits with status 2 (no
-traceback; set EDM2_JAX_TRACEBACK=1 to see it when debugging).
+traceback; set EDM2_JAX_TRACEBACK=1 to see it when debugging). It also logs at WARNING unless
+--verbosity is given: at absl's default INFO, orbax logs every file it reads or writes and JAX its
+platform probing (`Unable to initialize backend 'tpu'`).
 """
 from __future__ import annotations
 
@@ -30,11 +32,12 @@ class UserError(ValueError):
 
 
 def cli_main(program: str, *, catch: tuple[type[BaseException], ...] = ()):
-    """Decorator for an absl main: UserError (and `catch`) → one line on stderr, exit 2;
-    Ctrl-C → one line, exit 130."""
+    """Decorator for an absl main: logging at WARNING unless --verbosity is given; UserError (and
+    `catch`) → one line on stderr, exit 2; Ctrl-C → one line, exit 130."""
     def decorate(main):
         @functools.wraps(main)
         def wrapper(argv):
+            _quiet_logging()
             try:
                 return main(argv)
             except (UserError, *catch) as e:
@@ -47,6 +50,12 @@ def cli_main(program: str, *, catch: tuple[type[BaseException], ...] = ()):
                 sys.exit(130)
         return wrapper
     return decorate
+
+
+def _quiet_logging():
+    from absl import flags, logging
+    if 'verbosity' in flags.FLAGS and not flags.FLAGS['verbosity'].present:
+        logging.set_verbosity(logging.WARNING)
 
 
 def _report(program, error):

@@ -203,7 +203,8 @@ def _load(s: dict, layout):
     if jax.process_index() == 0:
         print(f"generate: {s['net']} is a latent model and no --vae was given: saving latents "
               '({seed:06d}.npy, EDM2 latent space) instead of PNGs; decode them later with '
-              '--vae', file=sys.stderr)
+              f"python -m experiments.decode --latents={s['outdir']} --vae=VAE_DIR --out=PNG_DIR",
+              file=sys.stderr)
     return net, guide, None
 
 

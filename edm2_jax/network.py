@@ -242,6 +242,22 @@ class Network:
         init = jax.jit(functools.partial(Precond(config).init, return_logvar=True))
         return cls(config, dict(init(key, x, jnp.ones((1,)), labels)), np.dtype(dtype))
 
+    @classmethod
+    def random(cls, config: EDM2Config, seed: int = 0, *, gains=(0.5, 1.5), dtype=jnp.float32) -> Network:
+        """A random network whose output depends on its input, noise level and labels, for
+        experiments and tests: every weight and buffer standard normal, every scalar gain uniform in
+        `gains` (never zero). `init` gives zero gains, as EDM2 trains from: its output is F = 0, so
+        D(x) = c_skip·x and guidance has no effect. Drawn with NumPy from `seed` (nothing compiled,
+        fast for large presets); the CLI is `python -m convert.random`."""
+        lo, hi = gains
+        if not 0 < lo <= hi:
+            raise ValueError(f'gains must be a range 0 < lo <= hi, got {gains}')
+        rng = np.random.default_rng(seed)
+        shapes = jax.eval_shape(lambda k: cls.init(config, k).variables, jax.random.key(0))
+        variables = jax.tree.map(lambda v: jnp.asarray(rng.normal(size=v.shape) if v.ndim
+                                                       else rng.uniform(lo, hi), v.dtype), shapes)
+        return cls(config, variables, np.dtype(dtype))
+
     @property
     def module(self) -> Precond:
         return Precond(self.config, self.dtype)

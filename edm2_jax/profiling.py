@@ -12,7 +12,6 @@ import threading
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from edm2_jax import backend
 from edm2_jax.denoiser import edm2_denoiser
@@ -90,15 +89,6 @@ def machine() -> dict:
     return {'host': platform.node(), 'platform': platform.platform(), 'processor': platform.processor(),
             'cpu_count': os.cpu_count(), 'load_avg_1m_at_start': round(os.getloadavg()[0], 2),
             'devices': [d.device_kind for d in dev], **backend.describe()}
-
-
-def random_network(config, seed, dtype) -> Network:
-    """A Network of `config` with standard normal variables (the cost does not depend on the values),
-    made without compiling the initialiser (minutes on a shared CPU for the large presets)."""
-    abstract = jax.eval_shape(lambda key: Network.init(config, key, dtype=dtype), jax.random.key(seed))
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape, np.float32).astype(a.dtype)),
-                        abstract)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """What guidance costs at sampling time: every method timed in one run on random-weight EDM2 networks.
 
     python -m experiments.benchmark --preset=img512-xs --batch=4 --steps=4 --out=out/bench.json
-    python -m experiments.benchmark --quick          # tiny custom network, two methods (seconds)
+    python -m experiments.benchmark --quick          # the tiny custom network, two methods (seconds)
     bash experiments/gpu_benchmark.sh                # img512-S on a GPU, float32 and bfloat16, one JSON
 
 For each method (`--methods`): compile time (trace + lowering + XLA compile of the sampler, from JAX's
@@ -20,8 +20,7 @@ evaluation, so in-situ guidance at every evaluation makes 2(2S − 1) and a guid
 `--count=inline` counts in the timed runs instead (saves a compile per method on slow CPUs; the
 per-pass host callback is negligible there but not on accelerators).
 
-Networks have random standard-normal weights (cost does not depend on the values); they are built
-from the initialiser's shapes without compiling it.
+Networks are `Network.random` (cost does not depend on the values; nothing is compiled to make them).
 
 Methods: none, cfg, autoguidance, insitu-fused, insitu-unfused, insitu-prefix (dropout everywhere,
 prefix shared), insitu-decoder-prefix, insitu-decoder-fused, the self-guidance family pag, slg, seg, tpg,
@@ -49,10 +48,10 @@ import numpy as np
 from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from edm2_jax import EDM2Config, get_preset, guidance as G, io, methods, network_inputs, sample
+from edm2_jax import EDM2Config, Network, get_preset, guidance as G, io, methods, network_inputs, sample
 from edm2_jax.denoiser import prepare_terms
-from edm2_jax.profiling import (COUNTER, CompileLog, counted, forward_flops, guided_flops, machine, peak_tflops,
-                                random_network)
+from edm2_jax.errors import cli_main
+from edm2_jax.profiling import COUNTER, CompileLog, counted, forward_flops, guided_flops, machine, peak_tflops
 from edm2_jax.sampling import guidance_terms
 
 FLAGS = flags.FLAGS
@@ -87,7 +86,8 @@ flags.DEFINE_enum('count', 'separate', ['separate', 'inline'],
                   'NFE counting: a separate run with counting networks (exact timings, one more compile per '
                   'method), or inline in the timed runs (one host callback per network pass; saves the '
                   'compile, negligible on CPU, not on accelerators)')
-flags.DEFINE_bool('quick', False, 'tiny run: custom network, batch 2, 2 steps, 1 repeat, none + insitu-fused')
+flags.DEFINE_bool('quick', False, 'tiny run: batch 2, 2 steps, 1 repeat, none + insitu-fused, on the custom '
+                  'network of the flags above (or on --preset if given; any flag given explicitly wins)')
 
 BASE_METHODS = {
     'none': dict(method='none'),
@@ -261,6 +261,7 @@ def table(results) -> str:
     return '\n'.join([lines[0], '  '.join('-' * w for w in widths)] + lines[1:])
 
 
+@cli_main('benchmark', catch=(ValueError,))
 def main(argv):
     del argv
     if FLAGS.quick:  # defaults of a tiny run; flags given explicitly still win
@@ -298,11 +299,11 @@ def main(argv):
     results = []
     for dt in FLAGS.dtypes:
         dtype = jnp.dtype(dt)
-        net = place(random_network(config, 0, dtype), mesh, P())
+        net = place(Network.random(config, 0, dtype=dtype), mesh, P())
         guide = None
         if any(method_spec(m)[0]['method'] == 'autoguidance' for m in FLAGS.methods):
             guide_config = config.replace(model_channels=FLAGS.guide_channels or max(1, config.model_channels // 2))
-            guide = place(random_network(guide_config, 1, dtype), mesh, P())
+            guide = place(Network.random(guide_config, 1, dtype=dtype), mesh, P())
         inputs = network_inputs(net, np.arange(FLAGS.batch))
         inputs = type(inputs)(*(None if a is None else place(a, mesh, P('data')) for a in inputs))
         rows = []

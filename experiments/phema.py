@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from edm2_jax.errors import cli_main
 
@@ -80,7 +80,6 @@ def reconstruct(s: dict) -> dict[float, Path]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-    logging.set_verbosity(logging.WARNING)  # orbax logs every file of every save at INFO
     written = reconstruct(resolve_settings(FLAGS))
     for sigma_rel, path in written.items():
         print(f'phema: σ_rel {sigma_rel:.3f} → {path}')

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from edm2_jax.errors import UserError, cli_main
 from edm2_jax.study.grids import Context
@@ -174,8 +174,6 @@ def train_split_sets(protocol: Protocol) -> Callable:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-    if not FLAGS['verbosity'].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint read at INFO
     if not FLAGS.out or not FLAGS.evaluator_cache:
         raise UserError('--out and --evaluator_cache are required')
     protocol = protocol_from_flags(FLAGS)

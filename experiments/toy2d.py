@@ -1,11 +1,14 @@
-"""The 2-D toy experiment (docs/toy2d-spec.md): trains the main model and the two guides (cached with
-orbax under --outdir), samples with every guidance method from common start points, and writes
+"""The 2-D toy experiment (docs/toy2d-spec.md): takes the main model and the two guides from
+experiments/toy2d_models (or trains them, cached with orbax under --outdir/models), samples with every guidance method from common start points, and writes
 figure.png, metrics.json (method → metric → value, with the exact-vs-exact row 'exact') and metrics.md.
 
-  python -m experiments.toy2d                  # default demo (~10 min on 2 CPU cores)
+  python -m experiments.toy2d                  # the demo: 89 s on a 2-core CPU (shared, load 4), bundled models
   python -m experiments.toy2d --quick          # tiny models, < 1 min (tests / CI)
+  python -m experiments.toy2d --large          # 4× the samples (16384 per method), the same models
   python -m experiments.toy2d --sweep          # + in-situ (p, w) heat-maps (sweep.png)
-  python -m experiments.toy2d --full           # toy2d-spec §9 grids, 3 training × 3 sampling seeds (hours)
+  python -m experiments.toy2d --full           # toy2d-spec §9 grids, --large, 3 training × 3 sampling seeds (hours)
+
+It ends with the paths it wrote and the per-family summary; the full table is in metrics.md.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from absl import app, flags, logging
 from tqdm.auto import tqdm
 
 from edm2_jax import checkpoint, io
+from edm2_jax.errors import cli_main
 from edm2_jax import guidance as G
 from edm2_jax import methods as registry
 from edm2_jax import rules
@@ -36,10 +40,12 @@ from edm2_jax.toy.model import ToyConfig
 FLAGS = flags.FLAGS
 flags.DEFINE_string('outdir', 'toy2d_out', 'Output directory (models are cached in OUTDIR/models).')
 flags.DEFINE_bool('quick', False, 'Tiny models and few samples (a test; well under 2 minutes).')
+flags.DEFINE_bool('large', False, 'The figure\'s sample count: 16384 samples per method instead of 4096 '
+                  '(the same models).')
 flags.DEFINE_bool('full', False, "The spec's full grids with 3 training x 3 sampling seeds (hours).")
 flags.DEFINE_bool('sweep', False, 'Also run the in-situ (p, w) grid and draw sweep.png.')
-flags.DEFINE_bool('retrain', False, 'Train the models even if cached checkpoints exist.')
-flags.DEFINE_integer('num_samples', None, 'Samples per method (default 16384; --quick 2048).')
+flags.DEFINE_bool('retrain', False, 'Train the models even if cached or bundled ones exist.')
+flags.DEFINE_integer('num_samples', None, 'Samples per method (default 4096; --large, --full 16384; --quick 2048).')
 flags.DEFINE_list('train_seeds', None, 'Training seeds (default 0; --full 0,1,2).')
 flags.DEFINE_list('sample_seeds', None, 'Sampling seeds (start points; default 1; --full 1,2,3).')
 flags.DEFINE_float('dropout_train_rate', 0.0, 'If > 0, also train a main model WITH dropout at this rate '
@@ -58,7 +64,8 @@ class Setting(NamedTuple):
     figure_grid: int
 
 
-DEFAULT = Setting(64, 32, 4096, 512, 4096, 1 << 14, 300)
+DEMO = Setting(64, 32, 4096, 512, 4096, 1 << 12, 200)    # LARGE's models (shared cache), ¼ of its samples
+LARGE = Setting(64, 32, 4096, 512, 4096, 1 << 14, 300)
 QUICK = Setting(16, 8, 256, 64, 512, 2048, 120)
 FIGURE_W = {'cfg': 3.0, 'ag': 2.0, 'insitu': 2.0}      # the paper's operating points (w = g − 1)
 SELF_GUIDE_W = 2.0   # the figure's skip-layer and sigma-shift panels: best row at this w (as in-situ)
@@ -183,6 +190,11 @@ def model_specs(s: Setting, dropout_rate: float) -> dict[str, train_lib.TrainSpe
     return specs
 
 
+# The default demo's models (training seed 0), trained by this script and saved with `save_bundled`:
+# the demo starts sampling at once; --retrain trains them again (about 4 minutes on 2 CPU cores).
+BUNDLED = Path(__file__).with_name('toy2d_models')
+
+
 def _spec_meta(spec: train_lib.TrainSpec, seed: int) -> dict:
     d = spec._asdict()
     d['config'] = spec.config._asdict()
@@ -198,11 +210,34 @@ def _from_tree(tree):
     return {'gain': jnp.asarray(tree['gain']), 'weights': tuple(jnp.asarray(ws[str(i)]) for i in range(len(ws)))}
 
 
+def _bundled(name: str, seed: int, meta: dict):
+    """The shipped parameters of NAME-seedS if they were trained with exactly these settings, else None."""
+    path = BUNDLED / f'{name}-seed{seed}.npz'
+    if not path.is_file():
+        return None
+    with np.load(path) as z:
+        if json.loads(str(z['meta'])) != json.loads(json.dumps(meta)):
+            return None
+        count = sum(k.startswith('w') for k in z.files)
+        return {'gain': jnp.asarray(z['gain']), 'weights': tuple(jnp.asarray(z[f'w{i}']) for i in range(count))}
+
+
+def save_bundled(outdir, seed: int = 0) -> None:
+    """Ships OUTDIR/models/*-seedS (models this script trained) as BUNDLED/*.npz."""
+    for path in sorted((Path(outdir) / 'models').glob(f'*-seed{seed}')):
+        tree, meta = checkpoint.load_variables(path)
+        params = _from_tree(tree)
+        io.save_npz(BUNDLED / f'{path.name}.npz', meta=np.asarray(json.dumps(meta)), gain=np.asarray(params['gain']),
+                    **{f'w{i}': np.asarray(w) for i, w in enumerate(params['weights'])})
+
+
 def get_model(outdir: Path, name: str, spec: train_lib.TrainSpec, seed: int, retrain: bool) -> tuple[Model, float]:
-    """Loads OUTDIR/models/NAME-seedS if its stored spec matches, else trains and saves it.
-    Returns the model and the training wall time (0 when loaded)."""
+    """Loads OUTDIR/models/NAME-seedS if its stored spec matches, else the bundled model if it
+    matches, else trains and saves it. Returns the model and the training wall time (0 when loaded)."""
     path = outdir / 'models' / f'{name}-seed{seed}'
     meta = _spec_meta(spec, seed)
+    if not retrain and not path.exists() and (params := _bundled(name, seed, meta)) is not None:
+        return Model(params, spec.config), 0.0
     if path.exists() and not retrain:
         try:
             tree, stored = checkpoint.load_variables(path)
@@ -347,13 +382,14 @@ def pick_insitu(mean, w, prefix='in-situ p='):
     return min(rows, key=lambda m: mean[m]['outlier'])
 
 
+@cli_main('toy2d')
 def main(argv):
     del argv
-    if FLAGS.quick and FLAGS.full:
-        raise app.UsageError('--quick and --full are exclusive')
+    if FLAGS.quick and (FLAGS.full or FLAGS.large):
+        raise app.UsageError('--quick excludes --large and --full')
     if not 0.0 <= FLAGS.dropout_train_rate < 1.0:
         raise app.UsageError('--dropout_train_rate must lie in [0, 1)')
-    setting = QUICK if FLAGS.quick else DEFAULT
+    setting = QUICK if FLAGS.quick else LARGE if FLAGS.large or FLAGS.full else DEMO
     n = FLAGS.num_samples or setting.num_samples
     if n < 64:
         raise app.UsageError('--num_samples must be >= 64')
@@ -434,8 +470,12 @@ def main(argv):
             'wall_time_s': time.time() - t_start, 'train_total_s': sum(train_time.values()),
             'figure_s': time.time() - t_eval, 'machine': f'{os.cpu_count()}-core CPU, {jax.default_backend()}'}
     write_outputs(outdir, mean, std, len(runs), info, sanity)
-    logging.info('wrote %s (%.0f s)', outdir, info['wall_time_s'])
-    print((outdir / 'metrics.md').read_text())
+    print(summary(mean))
+    written = (['models/'] * (outdir / 'models').is_dir() + ['figure.png'] * FLAGS.figure  # models/: trained here
+               + ['sweep.png'] * FLAGS.sweep + ['metrics.md', 'metrics.json'] + ['metrics_std.json'] * (len(runs) > 1)
+               + ['run.json'])
+    print(f'\nwrote in {info["wall_time_s"]:.0f} s ({info["machine"]}):\n'
+          + '\n'.join(f'  {outdir / n}' for n in written))
 
 
 if __name__ == '__main__':

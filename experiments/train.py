@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from edm2_jax.errors import UserError, cli_main
 from edm2_jax.io import save_figure, write_json, write_text
@@ -332,7 +332,6 @@ def train(s: dict) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-    logging.set_verbosity(logging.WARNING)  # orbax logs every file of every save at INFO
     s = resolve_settings(FLAGS)
     import jax
     if s['devices'] and s['devices'] > 1:

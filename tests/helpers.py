@@ -41,15 +41,10 @@ def rel_err(a, b):
 
 
 def random_network(config, seed=0, gains=(0.5, 1.5)):
-    """A Network with random weights drawn with NumPy in the layout of `Network.init` (nothing is
-    compiled); every scalar gain uniform in `gains`, never zero, so every block and the output depend
-    on the input (a fresh EDM2 net has zero gains and outputs F = 0)."""
+    """`Network.random`: random weights, non-zero gains, so every block and the output depend on the
+    input (a fresh EDM2 net has zero gains and outputs F = 0)."""
     from edm2_jax import Network
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(lambda k: Network.init(config, k).variables, jax.random.key(0))
-    variables = jax.tree.map(lambda v: jnp.asarray(rng.normal(size=v.shape) if v.ndim
-                                                   else rng.uniform(*gains), v.dtype), shapes)
-    return Network(config, variables)
+    return Network.random(config, seed, gains=gains)
 
 
 def write_tiny_checkpoint(path, *, nan=False, channels=3):

@@ -115,3 +115,11 @@ def test_help_names_every_method():
     text = M.help_text()
     for name in M.NAMES:
         assert f'{name}: ' in text
+
+
+def test_cfg_guide_by_name():
+    """The toy names its guide models ('cfg'); a conditional guide network is still refused."""
+    (term,) = M.terms('cfg', 2.0, guide='cfg')
+    assert term.guide == 'cfg' and not term.null_label
+    with pytest.raises(ValueError, match='unconditional'):
+        M.terms('cfg', 2.0, guide=types.SimpleNamespace(config=types.SimpleNamespace(label_dim=10)))
