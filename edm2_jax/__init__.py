@@ -7,6 +7,6 @@ from edm2_jax.network import Network
 from edm2_jax.sampling import (heun_loop, heun_sampler, network_inputs, sample, seed_inputs, seed_keys,
                                sigma_steps)
 
-__all__ = ['EDM2Config', 'Interval', 'Network', 'PRESETS', 'Schedule', 'Term', 'block_specs', 'get_preset',
-           'guidance', 'heun_loop', 'heun_sampler', 'methods', 'network_inputs', 'perturb', 'rules', 'sample',
-           'seed_inputs', 'seed_keys', 'sigma_steps']
+__all__ = ['EDM2Config', 'Interval', 'Network', 'PRESETS', 'Schedule', 'Term', 'backend', 'block_specs',
+           'get_preset', 'guidance', 'heun_loop', 'heun_sampler', 'methods', 'network_inputs', 'perturb', 'rules',
+           'sample', 'seed_inputs', 'seed_keys', 'sigma_steps']

@@ -99,7 +99,8 @@ def test_gpu_script_runs_end_to_end_on_cpu(tmp_path):
     """experiments/gpu_benchmark.sh with a tiny custom network (PRESET empty): every method in both
     dtypes, one JSON, the same evaluation counts in each dtype, and the dtypes' ratios to none."""
     out = tmp_path / 'gpu.json'
-    env = dict(os.environ, JAX_PLATFORMS='cpu', PRESET='', BATCH='2', STEPS=str(STEPS), OUT=str(out))
+    env = dict(os.environ, JAX_PLATFORMS='cpu', PRESET='', BATCH='2', STEPS=str(STEPS), OUT=str(out),
+               PYTHON=sys.executable)
     tiny = [a for a in TINY if not a.startswith(('--batch', '--steps'))]
     proc = subprocess.run(['bash', 'experiments/gpu_benchmark.sh', *tiny], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)

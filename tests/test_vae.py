@@ -253,14 +253,14 @@ def test_latents_to_uint8_full_path():
 
 def test_chunked_decode_equals_one_batch(two_level):
     variables, config, _ = convert_vae.load_source(two_level['root'] / 'diffusers')
-    decoder = vae.VAEDecoder(variables, config)
+    sd_vae = vae.VAEDecoder(variables, config)
     x = np.random.default_rng(3).standard_normal((3, 8, 8, 4)).astype(np.float32)
     scale, bias = decoder.edm2_scale_bias()
-    whole = np.asarray(vae.latents_to_uint8(decoder, x, scale, bias))
-    chunked = vae.decode_latents_to_uint8(decoder, x, scale, bias, batch_size=2)
+    whole = np.asarray(vae.latents_to_uint8(sd_vae, x, scale, bias))
+    chunked = vae.decode_latents_to_uint8(sd_vae, x, scale, bias, batch_size=2)
     np.testing.assert_array_equal(chunked, whole)
     meta = {'type': 'sd-vae', 'scale': scale.tolist(), 'bias': bias.tolist()}
-    np.testing.assert_array_equal(vae.make_image_decoder(meta, decoder, batch_size=2)(x), whole)
+    np.testing.assert_array_equal(vae.make_image_decoder(meta, sd_vae, batch_size=2)(x), whole)
 
 
 SHARDED_SCRIPT = """
