@@ -140,8 +140,8 @@ class TrainConfig:
     """One EDM2 training run. Times are in images (t = images seen). Defaults: EDM2 img512 (edm2-spec §2.1/§6).
 
     `dropout` is the rate applied in every training forward; exported networks record it in
-    `EDM2Config.dropout` (a non-zero `network.dropout` must agree with it). `label_dropout` is reserved
-    (must be 0). Per-example randomness is a function of (seed, the example's global position).
+    `EDM2Config.dropout` (a non-zero `network.dropout` must agree with it). Per-example randomness is a
+    function of (seed, the example's global position).
     """
     network: EDM2Config
     batch_size: int = 2048
@@ -152,7 +152,6 @@ class TrainConfig:
     p_mean: float = -0.4
     p_std: float = 1.0
     dropout: float = 0.0
-    label_dropout: float = 0.0
     ema_sigma_rels: tuple[float, ...] = (0.05, 0.10)
     snapshot_every: int = 8 << 20
     checkpoint_every: int = 128 << 20
@@ -176,8 +175,6 @@ class TrainConfig:
         elif isinstance(self.network, EDM2Config) and self.network.dropout not in (0.0, self.dropout):
             problems.append(f'network.dropout={self.network.dropout} disagrees with dropout={self.dropout} '
                             '(the trained rate is `dropout`; leave network.dropout 0 or equal)')
-        if self.label_dropout != 0.0:
-            problems.append('label_dropout is reserved and must be 0')
         if len({f'{s:.3f}' for s in self.ema_sigma_rels}) != len(self.ema_sigma_rels):
             problems.append(f'ema_sigma_rels must differ at 3 decimals (snapshot file names), '
                             f'got {self.ema_sigma_rels}')

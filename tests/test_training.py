@@ -172,7 +172,7 @@ def test_config_roundtrip_and_validation():
     assert T.TrainConfig.from_dict(d) == CFG
     assert CFG.trained_network.dropout == 0.1 and CFG.network.dropout == 0.0
     for bad in (dict(batch_size=0), dict(dropout=1.0), dict(compute_dtype='float16'), dict(ema_sigma_rels=(0.5,)),
-                dict(label_dropout=0.1), dict(network=NET.replace(dropout=0.2))):
+                dict(network=NET.replace(dropout=0.2))):
         with pytest.raises(ValueError):
             CFG.replace(**bad)
     with pytest.raises(ValueError, match='unknown TrainConfig fields'):
