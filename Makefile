@@ -11,7 +11,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CACHE ?= .cache
 FMNIST_PRESETS := fmnist-main fmnist-main-drop fmnist-guide fmnist-uncond
 
-.PHONY: setup setup-test data demo tutorial test test-fast train evaluator study clean
+.PHONY: setup setup-test data demo tutorial test test-fast train evaluator study-plan study clean
 
 setup: $(VENV)/.installed
 
@@ -65,10 +65,16 @@ evaluator: setup data $(CACHE)/fmnist/evaluator/evaluator.json
 $(CACHE)/fmnist/evaluator/evaluator.json:
 	$(PY) -m experiments.fmnist_evaluator --cache=$(CACHE)/fmnist/evaluator
 
-# The guidance study (hours on a CPU: see README; STUDY_FLAGS=--dry_run prints its size).
+# The guidance study (hours on a CPU: docs/fmnist-study.md); `make study-plan` prints its size first,
+# with no network trained.
+STUDY = $(PY) -m experiments.study --cache=$(CACHE) --std=0.100 --evaluator_cache=$(CACHE)/fmnist/evaluator \
+    --out=$(CACHE)/study
+
+study-plan: setup
+	$(STUDY) --dry_run $(STUDY_FLAGS)
+
 study: train evaluator
-	$(PY) -m experiments.study --cache=$(CACHE) --std=0.100 --evaluator_cache=$(CACHE)/fmnist/evaluator \
-	    --out=$(CACHE)/study $(STUDY_FLAGS)
+	$(STUDY) $(STUDY_FLAGS)
 
 clean:
 	rm -rf $(VENV) toy2d_out tutorial_out

@@ -66,7 +66,8 @@ def define_flags() -> None:
     flags.DEFINE_integer('batch', 500, 'Images per sampler call.')
     flags.DEFINE_integer('grid_n', None, 'Images per method grid PNG, a multiple of 10 (default 100; --quick 20).')
     flags.DEFINE_bool('reference', True, 'Also score real training images (the floor row).')
-    flags.DEFINE_bool('dry_run', False, 'Only print the plan: settings, images and network evaluations per '
+    flags.DEFINE_bool('dry_run', False, 'Only print the plan (untrained networks stand in as their train '
+                      'presets\' configurations): settings, images and network evaluations per '
                       'method (upper bounds), then exit.')
     flags.DEFINE_integer('pr_refs', 0, 'Precision/recall against the features of the first N test images '
                          '(0 = all 10,000); FD always uses the full test statistics.')
@@ -104,6 +105,32 @@ def _same_std(a: str, b: str) -> bool:
         return math.isclose(float(a), float(b))
     except ValueError:
         return a == b
+
+
+def planned_networks(f):
+    """(main name → network, guide, uncond) for --dry_run: the plan needs only configurations, so a
+    network not trained yet stands in as its train preset's configuration (no weights read)."""
+    from edm2_jax import Network, checkpoint
+    from edm2_jax.train_presets import TRAIN_PRESETS
+
+    def config_of(role, path):
+        if path is not None:
+            return checkpoint.network_config(path, checkpoint.read_meta(path))
+        return TRAIN_PRESETS[STUDY_NETWORKS[role]].trained_network
+    cache = Path(f.cache) if f.cache else None
+
+    def found(role):
+        return None if cache is None else cache_network(cache, STUDY_NETWORKS[role], f.std)
+    if f.main:
+        mains = {}
+        for item in f.main:
+            name, sep, d = item.rpartition(':')
+            mains[name if sep else Path(d).name] = Network(config_of('main', Path(d)), {})
+    else:
+        mains = {STUDY_NETWORKS[r]: Network(config_of(r, found(r)), {}) for r in ('main', 'main-drop')}
+    guide = Network(config_of('guide', Path(f.guide) if f.guide else found('guide')), {})
+    uncond = Network(config_of('uncond', Path(f.uncond) if f.uncond else found('uncond')), {})
+    return mains, guide, uncond
 
 
 def resolve_networks(f) -> tuple[dict[str, Path], Path | None, Path | None]:
@@ -177,11 +204,14 @@ def main(argv):
     if not FLAGS.out or not FLAGS.evaluator_cache:
         raise UserError('--out and --evaluator_cache are required')
     protocol = protocol_from_flags(FLAGS)
-    mains, guide_dir, uncond_dir = resolve_networks(FLAGS)
-    from edm2_jax import checkpoint
-    models = {name: checkpoint.load(d) for name, d in mains.items()}
-    guide = None if guide_dir is None else checkpoint.load(guide_dir)
-    uncond = None if uncond_dir is None else checkpoint.load(uncond_dir)
+    if FLAGS.dry_run:
+        models, guide, uncond = planned_networks(FLAGS)
+    else:
+        mains, guide_dir, uncond_dir = resolve_networks(FLAGS)
+        from edm2_jax import checkpoint
+        models = {name: checkpoint.load(d) for name, d in mains.items()}
+        guide = None if guide_dir is None else checkpoint.load(guide_dir)
+        uncond = None if uncond_dir is None else checkpoint.load(uncond_dir)
     ctx_of = lambda net: Context(net.config, guide, uncond)  # noqa: E731
     check_methods(models, ctx_of, FLAGS.methods, protocol.quick)
     if FLAGS.dry_run:

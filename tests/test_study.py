@@ -290,3 +290,18 @@ def test_plan_counts_images_and_evaluations():
     assert by['insitu']['evals'] == 2 * base * by['insitu']['images']
     # APG is costed at the most expensive guided method (here swg: 1 + 9/4 evaluations per step).
     assert by['apg-swg']['evals'] == base * (1 + 9 / 4) * by['apg-swg']['images']
+
+
+@pytest.mark.slow
+def test_plan_needs_no_trained_network(tmp_path):
+    """`make study-plan`: with nothing trained, the train presets' configurations stand in."""
+    cli = subprocess.run([sys.executable, '-m', 'experiments.study', f'--cache={tmp_path / "empty"}',
+                          f'--evaluator_cache={tmp_path}', f'--out={tmp_path / "out"}', '--dry_run',
+                          '--methods=none,insitu'], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    lines = cli.stdout.splitlines()
+    assert [line.split()[:2] for line in lines[:-1]] == [
+        ['fmnist-main', 'none:'], ['fmnist-main', 'insitu:'], ['fmnist-main-drop', 'none:'],
+        ['fmnist-main-drop', 'insitu:']]
+    assert lines[-1].startswith('total: ') and not (tmp_path / 'out').exists()
