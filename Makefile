@@ -44,9 +44,9 @@ demo: setup
 tutorial: setup
 	$(PY) examples/tutorial.py --out=tutorial_out
 
-# -n auto: one pytest worker per core (pytest-xdist).
+# -n auto: one pytest worker per core (pytest-xdist); loadfile: a module's tests (and fixtures) on one worker.
 test: setup-test
-	$(PY) -m pytest -q -n auto --durations=15 tests
+	$(PY) -m pytest -q -n auto --dist loadfile --durations=15 tests
 
 # The fast loop: everything but the subprocess and end-to-end tests.
 test-fast: setup-test
