@@ -6,6 +6,10 @@ from pathlib import Path
 # The suite compiles many small programs: XLA's backend optimisation triples their compile time
 # (≈10 s → 3 s for the tiny network) and buys nothing at these sizes. Set before jax initialises.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0').strip()
+# Under pytest-xdist (`make test`: one worker per core) torch's and BLAS's OpenMP pools would spin
+# against the other workers; one thread each (set before torch or numpy load).
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    os.environ.setdefault('OMP_NUM_THREADS', '1')
 
 import numpy as np
 import pytest
@@ -41,3 +45,10 @@ def batch(nets):
     """Sampler inputs of seeds 0 … 7 for the micro network."""
     from edm2_jax import sampling
     return sampling.network_inputs(nets[0], np.arange(8))
+
+
+def pytest_collection_modifyitems(items):
+    """Modules with slow (subprocess, end-to-end) tests first, each module's order kept: with
+    `--dist loadfile` a long module handed out last would run alone while the other workers idle."""
+    slow = {item.module.__name__ for item in items if item.get_closest_marker('slow')}
+    items.sort(key=lambda item: item.module.__name__ not in slow)

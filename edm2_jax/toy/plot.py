@@ -31,13 +31,24 @@ def _logp_grid(classes, pts, shape):
     return np.asarray(mixture_lib.log_prob(mixture_lib.mixture(classes), jnp.asarray(pts))).reshape(shape)
 
 
-def _regions(ax, gx, gy, pts):
-    """A∪B (grey) and A (orange) regions: log p ≥ grid max − 2.12², as the paper's figure."""
-    for classes, fill, edge in (('AB', (0.9, 0.9, 0.9), (0.7, 0.7, 0.7)), ('A', (1.0, 0.8, 0.6), (0.8, 0.6, 0.5))):
+REGION_STYLE = {'AB': ((0.9, 0.9, 0.9), (0.7, 0.7, 0.7)), 'A': ((1.0, 0.8, 0.6), (0.8, 0.6, 0.5))}
+
+
+def _region_fields(gx, pts) -> dict:
+    """Per class set, −√(grid max of log p − log p): the regions are where it is ≥ −2.12, as in the
+    paper's figure (computed once per figure: every panel shares the grid)."""
+    out = {}
+    for classes in REGION_STYLE:
         v = _logp_grid(classes, pts, gx.shape)
-        f = -np.sqrt(np.maximum(v.max() - v, 0))
-        ax.contourf(gx, gy, f, levels=[-2.12, 0], colors=[fill], extend='max')
-        ax.contour(gx, gy, f, levels=[-2.12, 0], colors=[edge], linewidths=1.0)
+        out[classes] = -np.sqrt(np.maximum(v.max() - v, 0))
+    return out
+
+
+def _regions(ax, gx, gy, fields):
+    """A∪B (grey) and A (orange) regions."""
+    for classes, (fill, edge) in REGION_STYLE.items():
+        ax.contourf(gx, gy, fields[classes], levels=[-2.12, 0], colors=[fill], extend='max')
+        ax.contour(gx, gy, fields[classes], levels=[-2.12, 0], colors=[edge], linewidths=1.0)
 
 
 def _frame(ax, view, title):
@@ -59,9 +70,10 @@ def overview_figure(path, panels, grid: int = 300):
     gx, gy, pts = _grid(OVERVIEW, grid)
     zx, zy, zpts = _grid(ZOOM, grid // 2)
     za = _logp_grid('A', zpts, zx.shape)
+    fields = _region_fields(gx, pts)
     for j, (title, samples, traj) in enumerate(panels):
         ax = axes[0, j]
-        _regions(ax, gx, gy, pts)
+        _regions(ax, gx, gy, fields)
         s = np.asarray(samples)
         ax.scatter(s[:, 0], s[:, 1], s=1.0, c='k', alpha=0.25, linewidths=0)
         _frame(ax, OVERVIEW, title)
