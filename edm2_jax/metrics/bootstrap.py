@@ -4,7 +4,7 @@ the paired difference of two methods evaluated on the same seeds.
 A resample draws the n generated rows with replacement, as multiplicities c (Σ c_i = n, the original
 set being c = 1) from np.random.default_rng(seed); the reference set and its statistics stay fixed.
 A statistic is a function of c, so the common ones need no copies of the rows:
-  FD         mean Σ c_i x_i / n, covariance (Σ c_i x_i x_iᵀ − n·μμᵀ)/(n − 1); tr √(S·S_ref) as
+  FD         mean Σ c_i x_i / n, covariance Σ c_i (x_i − μ)(x_i − μ)ᵀ/(n − 1); tr √(S·S_ref) as
              Σ √eig(A·S·A) with A = √S_ref computed once (scipy's sqrtm costs seconds at d = 128)
   KID        MMD²_u over pairs of distinct original rows, Σ_{i≠j} c_i c_j k_ij / Σ_{i≠j} c_i c_j for
              the generated term (copies of one row are not a pair: no upward bias), all rows of the
@@ -108,23 +108,31 @@ def paired_difference(statistics_a: Mapping[str, Statistic], statistics_b: Mappi
 
 # ------------------------------------------------------------------------------------ statistics
 
-def fd_statistic(features, ref_mu, ref_sigma) -> Statistic:
-    """|μ − μ_ref|² + tr S + tr S_ref − 2 Σ √eig(A·S·A), A = √S_ref (eig(A·S·A) = eig(S·S_ref)).
-    With y_i = A x_i computed once, A·S·A is the weighted covariance of the y_i: one d×d product and
-    one symmetric eigendecomposition per resample."""
+def sqrt_psd(sigma) -> np.ndarray:
+    """The symmetric square root of a covariance (negative eigenvalues from rounding clipped to 0)."""
+    w, v = np.linalg.eigh(np.asarray(sigma, np.float64))
+    return (v * np.sqrt(np.maximum(w, 0))) @ v.T
+
+
+def fd_statistic(features, ref_mu, ref_sigma, *, ref_sqrt=None) -> Statistic:
+    """|μ − μ_ref|² + tr S + tr S_ref − 2 Σ √eig(A·S·A), A = √S_ref (eig(A·S·A) = eig(S·S_ref); ref_sqrt:
+    A when already known). With y_i = A x_i computed once, A·S·A = MᵀM, M's rows √(c_i/(n−1))·(y_i − ȳ)
+    over the drawn rows: one symmetric eigendecomposition of MᵀM, or of the smaller M·Mᵀ (the same
+    nonzero eigenvalues) when fewer rows than dimensions are drawn."""
     f = np.asarray(features, np.float64)
     ref_mu, ref_sigma = np.asarray(ref_mu, np.float64), np.asarray(ref_sigma, np.float64)
-    w, v = np.linalg.eigh(ref_sigma)
-    y = f @ ((v * np.sqrt(np.maximum(w, 0))) @ v.T)
+    y = f @ (sqrt_psd(ref_sigma) if ref_sqrt is None else ref_sqrt)
     sq_norms = np.einsum('ij,ij->i', f, f)
     trace_ref = np.trace(ref_sigma)
 
     def fd(c):
         c = np.asarray(c, np.float64)
         n = c.sum()
-        mu, y_mean = c @ f / n, c @ y / n
+        mu = c @ f / n
         trace = (c @ sq_norms - n * mu @ mu) / (n - 1)
-        eig = np.linalg.eigvalsh(((y * c[:, None]).T @ y - n * np.outer(y_mean, y_mean)) / (n - 1))
+        used = c > 0
+        m = (y[used] - c @ y / n) * np.sqrt(c[used] / (n - 1))[:, None]
+        eig = np.linalg.eigvalsh(m @ m.T if len(m) < m.shape[1] else m.T @ m)
         return float(np.sum(np.square(mu - ref_mu)) + trace + trace_ref - 2 * np.sqrt(np.maximum(eig, 0)).sum())
     return fd
 
@@ -209,8 +217,9 @@ def _ball_ranks(to_fake, head) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 class Reference(NamedTuple):
     """A fixed reference set and the terms that every generated set's statistics share."""
     features: np.ndarray   # float64 [m, d]
-    mu: np.ndarray         # FD's reference mean and covariance
+    mu: np.ndarray         # FD's reference mean and covariance, and the covariance's square root
     sigma: np.ndarray
+    sqrt_sigma: np.ndarray
     k: int                 # the neighbourhood size of precision and recall
     radii: np.ndarray      # squared k-NN radii of the reference rows (precision)
     kyy: float             # the reference term of KID (`kid_reference_term`)
@@ -222,14 +231,15 @@ def reference(real, *, k: int = 3, ref_mu=None, ref_sigma=None, block: int = 102
     real = prdc.check_features(real, real)[0]
     if ref_mu is None:
         ref_mu, ref_sigma = real.mean(axis=0), np.cov(real, rowvar=False)
-    return Reference(real, np.asarray(ref_mu, np.float64), np.asarray(ref_sigma, np.float64), k,
-                     prdc.knn_radii(real, k, block), kid_reference_term(real, block))
+    return Reference(real, np.asarray(ref_mu, np.float64), np.asarray(ref_sigma, np.float64), sqrt_psd(ref_sigma),
+                     k, prdc.knn_radii(real, k, block), kid_reference_term(real, block))
 
 
 def statistics(ref: Reference, fake, block: int = 1024) -> dict[str, Statistic]:
     """{'fd', 'kid', 'precision', 'recall'} of the generated rows `fake` against a prepared reference."""
     prdc.check_features(ref.features, fake)
-    return {'fd': fd_statistic(fake, ref.mu, ref.sigma), 'kid': kid_statistic(ref.features, fake, block, kyy=ref.kyy),
+    return {'fd': fd_statistic(fake, ref.mu, ref.sigma, ref_sqrt=ref.sqrt_sigma),
+            'kid': kid_statistic(ref.features, fake, block, kyy=ref.kyy),
             **precision_recall_statistics(ref.features, fake, ref.k, block, radii=ref.radii)}
 
 
