@@ -304,8 +304,9 @@ def main(argv):
         models = {name: checkpoint.load(d) for name, d in mains.items()}
         guide = None if guide_dir is None else checkpoint.load(guide_dir)
         uncond = None if uncond_dir is None else checkpoint.load(uncond_dir)
+        wanted = FLAGS.methods is None or 'history' in FLAGS.methods     # else no export is needed
         history_dirs = {name: given.get(name) or history_guide(d, FLAGS.history_time, FLAGS.history_std)
-                        for name, d in mains.items()}
+                        for name, d in mains.items() if wanted}
         histories = {name: checkpoint.load(d) for name, d in history_dirs.items() if d is not None}
     ctx_of = lambda name, net: Context(net.config, guide, uncond, histories.get(name))  # noqa: E731
     check_methods(models, ctx_of, FLAGS.methods, protocol.quick)

@@ -213,7 +213,7 @@ def skipped_methods(ctx: Context) -> dict[str, str]:
     if ctx.guide is None:
         out.update({'autoguidance': 'no guide network (--guide)', 'hybrid': 'no --guide'})
     if ctx.history is None:
-        out['history'] = 'no training run to build its guide from (--history, or a run directory with snapshots/)'
+        out['history'] = 'no history guide (--history, or a main network in a run directory with snapshots/)'
     if not has_attention(ctx.config):
         out['pag'] = 'the network has no attention'
     return out
