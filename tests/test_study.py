@@ -372,7 +372,8 @@ def test_intervals_are_the_stratified_paired_bootstrap_and_reproducible():
     """add_intervals against the bootstrap written out: per resample, each set's rows drawn with
     replacement within the set (rng.integers in set order), FD of the repeated rows, mean over the
     sets; percentiles over the resamples; Δ vs none on the same draws. A result without features gets
-    no interval; the same seed gives the same intervals, another seed others."""
+    no interval, one of other set sizes no paired one; the same seed gives the same intervals, another
+    seed others."""
     from edm2_jax.metrics import bootstrap as B
     from edm2_jax.study import report
     rng = np.random.default_rng(0)
@@ -381,13 +382,14 @@ def test_intervals_are_the_stratified_paired_bootstrap_and_reproducible():
     mu, sigma = real.mean(0) + 0.3, np.cov(real, rowvar=False) * 1.5
     feats = {'none': [rng.standard_normal((n, d)) for n in sizes]}
     feats['x'] = [f + 0.2 * rng.standard_normal(f.shape) - 0.1 for f in feats['none']]
+    short = [f[:8] for f in feats['x']]                      # other seeds than none's: not paired
 
     def methods():
-        return {name: {'w=1': {'tuned': False}, 'w=2': {'tuned': True}} for name in ('none', 'x', 'old')}
+        return {name: {'w=1': {'tuned': False}, 'w=2': {'tuned': True}} for name in ('none', 'x', 'old', 'short')}
 
     def intervals(seed):
         out = methods()
-        report.add_intervals(out, lambda name, sid: feats.get(name) if sid == 'w=2' else None,
+        report.add_intervals(out, lambda name, sid: {**feats, 'short': short}.get(name) if sid == 'w=2' else None,
                              lambda: B.reference(real, ref_mu=mu, ref_sigma=sigma), resamples, seed)
         return out
     got = intervals(7)
@@ -405,6 +407,7 @@ def test_intervals_are_the_stratified_paired_bootstrap_and_reproducible():
     assert [delta['low'], delta['high']] == pytest.approx(
         np.percentile(np.subtract(reps['x'], reps['none']), [2.5, 97.5]), rel=1e-9, abs=1e-12)
     assert 'intervals' not in got['old']['w=2'] and 'intervals' not in got['x']['w=1']
+    assert 'intervals' in got['short']['w=2'] and 'vs_none_intervals' not in got['short']['w=2']
     assert intervals(7) == got and intervals(8) != got
 
 

@@ -76,7 +76,7 @@ def add_intervals(methods: dict, features_of: Callable, reference: Callable[[], 
     2-core container: 5.4 s per method against 2,000 reference rows (--pr_refs=2000), 10.7 s against
     all 10,000, with OPENBLAS_NUM_THREADS=1; 26 s and 33 s with OpenBLAS's two threads competing
     with other work. So 2–4 minutes per model of 20 methods (up to 11 on a busy machine)."""
-    values, reps, ref = {}, {}, None
+    values, reps, sizes, ref = {}, {}, {}, None
     for name, entry in methods.items():
         sid, e = tuned_entry(entry)
         feats = features_of(name, sid)
@@ -84,14 +84,14 @@ def add_intervals(methods: dict, features_of: Callable, reference: Callable[[], 
             continue
         ref = ref or reference()
         per_set = [B.statistics(ref, f) for f in feats]
-        sizes = [len(f) for f in feats]
-        stats = {m: B.mean_over_strata([s[b] for s in per_set], sizes) for m, b in BOOTSTRAPPED.items()}
-        values[name] = {m: f(np.ones(sum(sizes), np.int64)) for m, f in stats.items()}
-        reps[name] = B.replicates(stats, sizes, num_resamples, seed)
+        sizes[name] = [len(f) for f in feats]
+        stats = {m: B.mean_over_strata([s[b] for s in per_set], sizes[name]) for m, b in BOOTSTRAPPED.items()}
+        values[name] = {m: f(np.ones(sum(sizes[name]), np.int64)) for m, f in stats.items()}
+        reps[name] = B.replicates(stats, sizes[name], num_resamples, seed)
         e['intervals'] = {m: _interval(values[name][m], reps[name][m]) for m in stats}
     if 'none' not in reps:
         return
-    for name in reps:
+    for name in [n for n in reps if sizes[n] == sizes['none']]:   # the same draws only for the same sizes
         tuned_entry(methods[name])[1]['vs_none_intervals'] = {
             m: _interval(values[name][m] - values['none'][m], reps[name][m] - reps['none'][m])
             for m in BOOTSTRAPPED}
