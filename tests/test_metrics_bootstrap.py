@@ -121,3 +121,62 @@ def test_feature_statistics_at_the_original_set():
     assert {n: stats[n](ones) for n in ('precision', 'recall')} == precision_recall(real, fake, 2)
     intervals = B.bootstrap(stats, 30, num_resamples=50)
     assert all(i.low <= i.high for i in intervals.values()) and set(intervals) == set(stats)
+
+
+def test_stratified_resamples_stay_within_their_sets_and_give_the_normal_interval():
+    """Strata (report seed sets): each resample draws n_s rows within set s; the interval of the mean
+    over the sets of each set's mean is the normal one with variance Σ σ_s²/n_s / S²."""
+    rng = np.random.default_rng(6)
+    sizes = (150, 100, 250)
+    sets = [rng.normal(loc, scale, n) for loc, scale, n in zip((0.0, 3.0, -1.0), (1.0, 2.0, 0.5), sizes)]
+    edges = np.cumsum((0,) + sizes)
+    within = {f'sum{s}': (lambda c, a=a, b=b: float(c[a:b].sum())) for s, (a, b) in
+              enumerate(zip(edges[:-1], edges[1:]))}
+    reps = B.replicates(within, sizes, num_resamples=50, seed=1)
+    assert all(np.all(reps[f'sum{s}'] == n) for s, n in enumerate(sizes))
+    stat = B.mean_over_strata([mean_of(x) for x in sets], sizes)
+    got = B.bootstrap({'m': stat}, sizes, num_resamples=4000, seed=2)['m']
+    mean = np.mean([x.mean() for x in sets])
+    se = np.sqrt(sum(x.var() / len(x) for x in sets)) / len(sets)
+    assert got.value == pytest.approx(mean)
+    assert got.low == pytest.approx(mean - 1.96 * se, abs=0.15 * se)
+    assert got.high == pytest.approx(mean + 1.96 * se, abs=0.15 * se)
+    # one stratum is the plain bootstrap, draw for draw
+    x = sets[0]
+    assert B.bootstrap({'m': mean_of(x)}, (150,), num_resamples=100, seed=3) == \
+        B.bootstrap({'m': mean_of(x)}, 150, num_resamples=100, seed=3)
+    with pytest.raises(ValueError, match='strata'):
+        B.mean_over_strata([mean_of(x)], sizes)
+
+
+@pytest.mark.parametrize('positions', [3, 12, 64])
+def test_recall_with_few_listed_radii_falls_back_exactly(monkeypatch, positions):
+    """The listed-rank recall and its full m × n fallback (taken whenever a radius lies beyond the
+    listed positions: nearly always at positions = k, rarely at 12) both equal the definition."""
+    monkeypatch.setattr(B, 'RADIUS_POSITIONS', positions)
+    rng = np.random.default_rng(7)
+    d, k, n = 16, 3, 60
+    real, fake = rng.standard_normal((80, d)), 0.3 + rng.standard_normal((n, d))
+    recall = B.precision_recall_statistics(real, fake, k, block=13)['recall']
+    dist = lambda a, b: np.linalg.norm(a[:, None] - b[None], axis=-1)  # noqa: E731
+    for trial in range(12):
+        counts = np.bincount(rng.integers(0, n, n), minlength=n)
+        kept = fake[counts > 0]
+        radius = np.sort(dist(kept, kept), 1)[:, k]
+        assert recall(counts) == pytest.approx((dist(real, kept) <= radius[None] + 1e-12).any(1).mean())
+
+
+def test_prepared_reference_gives_the_same_statistics():
+    rng = np.random.default_rng(8)
+    real, fake = rng.standard_normal((70, 10)), 0.2 + rng.standard_normal((40, 10))
+    mu, sigma = np.zeros(10), np.eye(10)
+    ref = B.reference(real, k=2, ref_mu=mu, ref_sigma=sigma)
+    got = B.statistics(ref, fake)
+    want = {'fd': B.fd_statistic(fake, mu, sigma), 'kid': B.kid_statistic(real, fake),
+            **B.precision_recall_statistics(real, fake, 2)}
+    for _ in range(3):
+        counts = np.bincount(rng.integers(0, 40, 40), minlength=40)
+        for name in want:
+            assert got[name](counts) == pytest.approx(want[name](counts), rel=1e-12), name
+    with pytest.raises(ValueError, match='equal D'):
+        B.statistics(ref, fake[:, :5])

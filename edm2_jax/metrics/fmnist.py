@@ -264,22 +264,31 @@ def reference_stats(evaluator: Evaluator, cache_dir, resolution: int = 28) -> Re
 
 # --------------------------------------------------------------------------------- evaluation
 
-def evaluate_images(evaluator: Evaluator, images, requested_labels, refs: Reference, k: int = 3) -> dict:
-    """FD-FMNIST, KID (mean and std over subsets), precision, recall (k-NN, k) and class accuracy (None
-    without labels) of uint8 [N,r,r,1] images against `refs` computed at the same resolution r.
-    Needs N > k."""
+def image_features(evaluator: Evaluator, images, refs: Reference) -> tuple[np.ndarray, np.ndarray]:
+    """(features float32 [N,128], logits [N,10]) of uint8 [N,r,r,1] images, r being refs' resolution."""
     images = check_images(images)
     if images.shape[1] != refs.resolution:
         raise ValueError(f'images are {images.shape[1]}x{images.shape[2]} but the reference statistics '
                          f'are for resolution {refs.resolution}')
-    if len(images) <= k:
-        raise ValueError(f'need more than k = {k} images for precision/recall, got {len(images)}')
-    labels = None if requested_labels is None else check_labels(requested_labels, len(images))
-    features, logits = evaluator.features_and_logits(data.restore_resolution(images))
+    return evaluator.features_and_logits(data.restore_resolution(images))
+
+
+def evaluate_features(features, logits, requested_labels, refs: Reference, k: int = 3) -> dict:
+    """The metrics of `evaluate_images` from the images' features and logits (`image_features`)."""
+    if len(features) <= k:
+        raise ValueError(f'need more than k = {k} images for precision/recall, got {len(features)}')
+    labels = None if requested_labels is None else check_labels(requested_labels, len(features))
     mu, sigma = FeatureStats(FEATURE_DIM).add(features).mu_sigma()
-    result = {'num_images': len(images),
+    result = {'num_images': len(features),
               REFS_KEY: frechet_distance(mu, sigma, refs.mu, refs.sigma),
               **kid(refs.features, features),
               **precision_recall(refs.features, features, k=k)}
     result['class_accuracy'] = None if labels is None else float(np.mean(np.argmax(logits, 1) == labels))
     return result
+
+
+def evaluate_images(evaluator: Evaluator, images, requested_labels, refs: Reference, k: int = 3) -> dict:
+    """FD-FMNIST, KID (mean and std over subsets), precision, recall (k-NN, k) and class accuracy (None
+    without labels) of uint8 [N,r,r,1] images against `refs` computed at the same resolution r.
+    Needs N > k."""
+    return evaluate_features(*image_features(evaluator, images, refs), requested_labels, refs, k)

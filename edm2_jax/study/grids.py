@@ -8,7 +8,8 @@ one compiled sampler: only traced numbers change. w is the guidance weight (EDM2
 
 Two rows are derived from tuned points: the in-situ σ-schedules move the tuned in-situ strength
 across σ (`schedule_method`), and APG runs last, on top of the guided method with the lowest tuning
-FD (`apg_method`).
+FD (`apg_method`). A guide's static structure includes how it draws its dropout masks (frozen, k
+averaged draws, antithetic), so each such variant is its own row.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ class Context(NamedTuple):
     config: Any          # the main network's EDM2Config
     guide: Any = None    # weaker conditional network (autoguidance, hybrid)
     uncond: Any = None   # unconditional network (CFG)
+    history: Any = None  # the main network's own run at a much shorter EMA ('history')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +37,7 @@ class Method:
     name: str
     grid: tuple[dict, ...]
     build: Callable[[dict, Context], dict]   # setting → sample() kwargs (method, guidance, guide, …)
-    needs: str | None = None                 # 'guide' | 'uncond' | None
+    needs: str | None = None                 # 'guide' | 'uncond' | 'history' | None
 
 
 def setting_id(setting: dict) -> str:
@@ -58,12 +60,18 @@ def _g(setting, scale=1.0):
 
 FULL = dict(
     w=(0.25, 0.5, 1.0, 1.5, 2.0, 3.0),
-    w_fine=(0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0),   # CFG and autoguidance overshoot fast: finer at small w
-    w_insitu=(0.25, 0.5, 1.0, 2.0, 3.0, 5.0),
-    w_small=(0.5, 1.0, 2.0),
+    w_fine=(0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0),   # CFG overshoots fast: finer at small w
+    w_auto=(0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 1.0),   # autoguidance, history: tuned at 0.25 before
+    w_interval=(0.25, 0.5, 1.0, 2.0, 3.0),
+    w_insitu=(0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.0, 10.0),
+    p=(0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5),
+    w_level=(0.5, 1.0, 2.0, 5.0), p_level=(0.1, 0.2, 0.4),   # blocks and levels: tuned at (2, 0.2) before
+    w_variant=(0.25, 0.5, 1.0, 2.0, 5.0), p_variant=(0.05, 0.1, 0.2, 0.3, 0.5),   # frozen masks
+    w_avg=(0.5, 1.0, 2.0, 5.0), p_avg=(0.05, 0.1, 0.25, 0.5),   # averaged draws: (1 + k)× the cost
     w_hybrid=(0.1, 0.25, 0.5, 1.0, 2.0),           # guided by the small guide: overshoots like autoguidance
-    p=(0.02, 0.05, 0.1, 0.2, 0.3),
-    p_small=(0.1, 0.2),
+    p_hybrid=(0.05, 0.1, 0.2),
+    w_weak=(0.1, 0.25, 0.5, 1.0, 1.5),             # slg, swg: worst at every w, so one weaker point
+    w_shift=(0.1, 0.5, 1.0, 2.0),
     intervals=((0.28, 5.42),),   # the σ range of Kynkäänniemi et al. 2024 (EDM2-S/XXL, ImageNet-512)
     shift=(0.1, 0.3, 1.0),
     schedule_sigmas=(0.2, 20.0),
@@ -71,11 +79,14 @@ FULL = dict(
     rescale_phi=(0.3, 0.7), zero_init=(0, 1),
 )
 QUICK = dict(
-    w=(0.5, 2.0), w_fine=(0.5, 2.0), w_insitu=(0.5, 2.0), w_small=(1.0,), w_hybrid=(1.0,), p=(0.1, 0.3), p_small=(0.2,),
+    w=(0.5, 2.0), w_fine=(0.5, 2.0), w_auto=(0.5,), w_interval=(2.0,), w_insitu=(0.5, 2.0), p=(0.1, 0.3),
+    w_level=(1.0,), p_level=(0.2,), w_variant=(1.0,), p_variant=(0.2,), w_avg=(1.0,), p_avg=(0.2,),
+    w_hybrid=(1.0,), p_hybrid=(0.2,), w_weak=(0.5,), w_shift=(1.0,),
     intervals=((0.28, 5.42),), shift=(0.3,), schedule_sigmas=(0.2, 20.0),
     apg_eta=(0.0,), apg_momentum=(0.0, -0.5), apg_scale=(1.0,),
     rescale_phi=(0.7,), zero_init=(1,),
 )
+AVERAGED = (2, 4)   # k of the averaged in-situ rows (k changes the compiled program: one row each)
 
 
 def resolution_levels(config) -> dict[str, tuple[str, ...]]:
@@ -95,6 +106,23 @@ def _insitu(blocks):
     def build(s, ctx):
         return dict(method='insitu', guidance=_g(s), strength=s['p'], blocks=blocks)
     return build
+
+
+def _insitu_terms(name, **options):
+    """A registry in-situ variant on all blocks, as sampler terms (its options are static)."""
+    return lambda s, ctx: dict(terms=registry.terms(name, s['w'], s['p'], blocks='all', **options))
+
+
+def insitu_variants(g: dict) -> list[Method]:
+    """Frozen masks, and the mean of k draws (k in AVERAGED; antithetic: the copies' masks are
+    disjoint, which needs p ≤ 1/k)."""
+    rows = [Method('insitu-frozen', _grid(w=g['w_variant'], p=g['p_variant']), _insitu_terms('insitu-frozen'))]
+    for k in AVERAGED:
+        rows.append(Method(f'insitu-avg{k}', _grid(w=g['w_avg'], p=g['p_avg']), _insitu_terms('insitu-avg', k=k)))
+    for k in AVERAGED:
+        rows.append(Method(f'insitu-avg{k}-anti', _grid(w=g['w_avg'], p=[p for p in g['p_avg'] if p <= 1 / k]),
+                           _insitu_terms('insitu-avg', k=k, antithetic=True)))
+    return rows
 
 
 def _schedules(s, sigmas):
@@ -135,13 +163,12 @@ def all_methods(ctx: Context, quick: bool = False) -> list[Method]:
     """Every method of the study that the given networks allow; 'insitu-schedule' and APG are derived
     from tuned points later (`schedule_method`, `apg_method`)."""
     g = QUICK if quick else FULL
-    cfg_interval = dict(w=g['w'][-1:] if quick else (0.5, 1.0, 2.0, 3.0))
     methods = [
         Method('none', ({},), lambda s, ctx: dict(method='none')),
         Method('cfg', _grid(w=g['w_fine']), lambda s, ctx: dict(method='cfg', guidance=_g(s), guide=ctx.uncond),
                needs='uncond'),
         Method('cfg-interval',
-               tuple({**d, 'lo': lo, 'hi': hi} for d in _grid(**cfg_interval) for lo, hi in g['intervals']),
+               tuple({**d, 'lo': lo, 'hi': hi} for d in _grid(w=g['w_interval']) for lo, hi in g['intervals']),
                lambda s, ctx: dict(method='cfg', guidance=_g(s), guide=ctx.uncond, interval=(s['lo'], s['hi'])),
                needs='uncond'),
         Method('cfg-rescale', _grid(w=g['w_fine'][-4:], phi=g['rescale_phi']),
@@ -150,26 +177,29 @@ def all_methods(ctx: Context, quick: bool = False) -> list[Method]:
         Method('cfg-zerostar', _grid(w=g['w_fine'], zero_init=g['zero_init']),
                lambda s, ctx: dict(method='cfg', guidance=_g(s), guide=ctx.uncond,
                                    rule=rules.ZeroStar(zero_init_steps=s['zero_init'])), needs='uncond'),
-        Method('autoguidance', _grid(w=g['w_fine']),
+        Method('autoguidance', _grid(w=g['w_auto']),
                lambda s, ctx: dict(method='autoguidance', guidance=_g(s), guide=ctx.guide), needs='guide'),
+        Method('history', _grid(w=g['w_auto']),
+               lambda s, ctx: dict(method='history', guidance=_g(s), guide=ctx.history), needs='history'),
         Method('insitu', _grid(w=g['w_insitu'], p=g['p']), _insitu('all')),
-        Method('insitu-encoder', _grid(w=g['w_small'], p=g['p_small']), _insitu('encoder')),
-        Method('insitu-decoder', _grid(w=g['w_small'], p=g['p_small']), _insitu('decoder')),
+        *insitu_variants(g),
+        Method('insitu-encoder', _grid(w=g['w_level'], p=g['p_level']), _insitu('encoder')),
+        Method('insitu-decoder', _grid(w=g['w_level'], p=g['p_level']), _insitu('decoder')),
     ]
     for level, names in resolution_levels(ctx.config).items():
-        methods.append(Method(f'insitu-{level}', _grid(w=g['w_small'], p=g['p_small']), _insitu(names)))
+        methods.append(Method(f'insitu-{level}', _grid(w=g['w_level'], p=g['p_level']), _insitu(names)))
     methods += [
-        Method('hybrid', _grid(w=g['w_hybrid'], p=g['p_small']),
+        Method('hybrid', _grid(w=g['w_hybrid'], p=g['p_hybrid']),
                lambda s, ctx: dict(method='hybrid', guidance=_g(s), guide=ctx.guide, strength=s['p']),
                needs='guide'),
     ]
     if has_attention(ctx.config):
         methods.append(Method('pag', _grid(w=g['w'][:4]), lambda s, ctx: dict(method='pag', guidance=_g(s))))
     methods += [
-        Method('slg', _grid(w=g['w'][:4]), lambda s, ctx: dict(method='slg', guidance=_g(s))),
-        Method('sigma-shift', _grid(w=g['w_small'], delta=g['shift']),
+        Method('slg', _grid(w=g['w_weak']), lambda s, ctx: dict(method='slg', guidance=_g(s))),
+        Method('sigma-shift', _grid(w=g['w_shift'], delta=g['shift']),
                lambda s, ctx: dict(method='sigma-shift', guidance=_g(s), strength=s['delta'])),
-        Method('swg', _grid(w=g['w'][:4]), lambda s, ctx: dict(method='swg', guidance=_g(s))),
+        Method('swg', _grid(w=g['w_weak']), lambda s, ctx: dict(method='swg', guidance=_g(s))),
     ]
     return [m for m in methods if m.needs is None or getattr(ctx, m.needs) is not None]
 
@@ -182,12 +212,21 @@ def skipped_methods(ctx: Context) -> dict[str, str]:
                     'cfg-rescale': 'no --uncond', 'cfg-zerostar': 'no --uncond'})
     if ctx.guide is None:
         out.update({'autoguidance': 'no guide network (--guide)', 'hybrid': 'no --guide'})
+    if ctx.history is None:
+        out['history'] = 'no history guide (--history, or a main network in a run directory with snapshots/)'
     if not has_attention(ctx.config):
         out['pag'] = 'the network has no attention'
     return out
 
 
 APG_KEYS = ('apg_scale', 'eta', 'momentum')
+
+
+def with_rule(kwargs: dict, rule) -> dict:
+    """sample() kwargs with `rule` applied: to every term when they are given as terms."""
+    if 'terms' in kwargs:
+        return {**kwargs, 'terms': tuple(t.replace(rule=rule) for t in kwargs['terms'])}
+    return {**kwargs, 'rule': rule}
 
 
 RULE_ROWS = ('cfg-rescale', 'cfg-zerostar')  # rows that carry their own rule: not a base for APG
@@ -205,9 +244,7 @@ def apg_method(best: Method, best_setting: dict, quick: bool = False) -> Method:
         for k in ('w', 'w_lo', 'w_hi'):
             if k in base:
                 base[k] *= s['apg_scale']
-        kwargs = best.build(base, ctx)
-        kwargs['rule'] = rules.APG(eta=s['eta'], threshold=0.0, momentum=s['momentum'])
-        return kwargs
+        return with_rule(best.build(base, ctx), rules.APG(eta=s['eta'], threshold=0.0, momentum=s['momentum']))
     return Method(f'apg-{best.name}', grid, build, best.needs)
 
 

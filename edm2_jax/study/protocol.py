@@ -3,7 +3,9 @@
 Every method is sampled the same way (Heun, `num_steps` steps, requested label = seed mod
 label_dim) and scored on the same seed sets: tuning seeds 0 … tune_n − 1 and `report_sets`
 disjoint report sets of report_n seeds (REPORT_BASE·k + i, k = 1, 2, …). Each (model, method,
-setting, seed set) result is its own JSON file, which makes a study resumable.
+setting, seed set) result is its own JSON file, which makes a study resumable; a report set's
+evaluator features lie beside it (row i: the image of the set's seed i, the same for every method),
+the data of the bootstrap intervals.
 """
 from __future__ import annotations
 
@@ -16,7 +18,13 @@ import numpy as np
 from edm2_jax import io
 
 REPORT_BASE = 10 ** 6
-METRICS = ('fd_fmnist', 'precision', 'recall', 'class_accuracy')
+METRICS = ('fd_fmnist', 'kid', 'precision', 'recall', 'class_accuracy')
+
+
+class Scored(NamedTuple):
+    """What the study's score callback returns for N images."""
+    metrics: dict             # at least the METRICS (None where undefined, e.g. no labels)
+    features: np.ndarray      # float32 [N, D]: the evaluator's features, in the images' order
 
 
 class Protocol(NamedTuple):
@@ -89,6 +97,10 @@ def requested_labels(net, seeds):
 
 def result_path(out: Path, model: str, method: str, sid: str, seed_set: str) -> Path:
     return out / 'runs' / model / method / sid / f'{seed_set}.json'
+
+
+def features_path(out: Path, model: str, method: str, sid: str, seed_set: str) -> Path:
+    return result_path(out, model, method, sid, seed_set).with_name(f'{seed_set}-features.npz')
 
 
 def write_result(path: Path, obj) -> None:

@@ -1,29 +1,34 @@
-"""The study's outputs from its results dict: results.md (each method at its tuned point, with the
-paired difference to no guidance and grid-edge marks), results.json, the trade-off plots and the
-in-situ heat map under plots/, and the image grids under grids/<model>/.
+"""The study's outputs from its results dict: bootstrap intervals of the tuned points
+(`add_intervals`), results.md (each method at its tuned point, with the paired difference to no
+guidance, grid-edge marks and the comparison across training seeds), results.json, the trade-off
+plots and the in-situ heat map under plots/, and the image grids under grids/<model>/.
 
-Everything here reads the results and the report0 image files the runner left; nothing samples.
+Everything here reads the results and the report sets' image and feature files the runner left;
+nothing samples.
 """
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from edm2_jax import io
+from edm2_jax.metrics import bootstrap as B
 from edm2_jax.study.protocol import Protocol, result_path, write_result
 
 DATA_ROW = 'real images (train split)'
+# The bootstrapped metrics: the study's name → the bootstrap statistic's.
+BOOTSTRAPPED = {'fd_fmnist': 'fd', 'kid': 'kid', 'precision': 'precision', 'recall': 'recall'}
+BOOTSTRAP_SEED = 0
+RESAMPLES = 200      # the report's cost, see add_intervals
 
 
 def tuned_entry(method_entry: dict) -> tuple[str, dict]:
     """(setting id, entry) of the tuned point in a method's results."""
     return next((sid, e) for sid, e in method_entry.items() if e['tuned'])
-
-
-def _pm(s: dict, digits: int) -> str:
-    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
 
 
 def grid_edges(method_entry: dict) -> list[str]:
@@ -38,43 +43,168 @@ def grid_edges(method_entry: dict) -> list[str]:
             if len(v) > 1 and best[k] in (v[0], v[-1])]
 
 
+# ---------------------------------------------------------------------------------------------------
+# Bootstrap intervals.
+
+def load_features(paths: list[Path]) -> list[np.ndarray] | None:
+    """The report sets' feature rows, or None when a file is missing (a result of an older study)."""
+    if not all(p.is_file() for p in paths):
+        return None
+    out = []
+    for p in paths:
+        with np.load(p) as z:
+            out.append(z['features'])
+    return out
+
+
+def _interval(value: float, replicates, level: float = 0.95) -> dict:
+    low, high = B.percentile_interval(replicates, level)
+    return dict(value=float(value), low=low, high=high)
+
+
+def add_intervals(methods: dict, features_of: Callable, reference: Callable[[], B.Reference],
+                  num_resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED) -> None:
+    """Each tuned entry of one model's `methods` whose report features exist (features_of(method,
+    setting id) → one [n, D] array per report set, or None) gains `intervals`: per metric of
+    BOOTSTRAPPED, the mean over the report sets of the set's value, and its percentile bootstrap 95 %
+    interval, the rows resampled within each set (`bootstrap.mean_over_strata`). Every method draws
+    the same resamples (one seed, the same set sizes), and row i of a set is seed i's image for every
+    method, so `vs_none_intervals` (method − none on the same resamples) is the paired difference.
+    reference() → the prepared reference set (called once, only if some features exist).
+
+    Cost, measured on random 128-d features, 3 sets × 2,000 rows, 200 resamples, on the shared
+    2-core container: 5.4 s per method against 2,000 reference rows (--pr_refs=2000), 10.7 s against
+    all 10,000, with OPENBLAS_NUM_THREADS=1; 26 s and 33 s with OpenBLAS's two threads competing
+    with other work. So 2–4 minutes per model of 20 methods (up to 11 on a busy machine)."""
+    values, reps, sizes, ref = {}, {}, {}, None
+    for name, entry in methods.items():
+        sid, e = tuned_entry(entry)
+        feats = features_of(name, sid)
+        if feats is None:
+            continue
+        ref = ref or reference()
+        per_set = [B.statistics(ref, f) for f in feats]
+        sizes[name] = [len(f) for f in feats]
+        stats = {m: B.mean_over_strata([s[b] for s in per_set], sizes[name]) for m, b in BOOTSTRAPPED.items()}
+        values[name] = {m: f(np.ones(sum(sizes[name]), np.int64)) for m, f in stats.items()}
+        reps[name] = B.replicates(stats, sizes[name], num_resamples, seed)
+        e['intervals'] = {m: _interval(values[name][m], reps[name][m]) for m in stats}
+    if 'none' not in reps:
+        return
+    for name in [n for n in reps if sizes[n] == sizes['none']]:   # the same draws only for the same sizes
+        tuned_entry(methods[name])[1]['vs_none_intervals'] = {
+            m: _interval(values[name][m] - values['none'][m], reps[name][m] - reps['none'][m])
+            for m in BOOTSTRAPPED}
+
+
+# ---------------------------------------------------------------------------------------------------
+# results.md.
+
+def _fmt(v: float, digits: int, sign: bool = False) -> str:
+    return f"{v:{'+' if sign else ''}.{digits}f}"
+
+
+def _ci(i: dict, digits: int, scale: float = 1.0, sign: bool = False) -> str:
+    return (f"{_fmt(scale * i['value'], digits, sign)} [{_fmt(scale * i['low'], digits, sign)}, "
+            f"{_fmt(scale * i['high'], digits, sign)}]")
+
+
+def _cell(e: dict, metric: str, digits: int, scale: float = 1.0) -> str:
+    """value [lo, hi] when bootstrapped, else mean ± std over the report sets ('–': not measured)."""
+    if metric in e.get('intervals', {}):
+        return _ci(e['intervals'][metric], digits, scale)
+    s = e['report'].get(metric)
+    if s is None or not np.isfinite(s['mean']):
+        return '–'
+    return f"{scale * s['mean']:.{digits}f} ± {scale * s['std']:.{digits}f}"
+
+
 def _paired(e: dict, metric: str) -> str:
+    if metric in e.get('vs_none_intervals', {}):
+        return _ci(e['vs_none_intervals'][metric], 2, sign=True)
     d = e.get('vs_none', {}).get(metric)
     if d is None:
         return '–'
     return f"{d['mean']:+.2f} ({', '.join(f'{v:+.2f}' for v in d['values'])})"
 
 
+def _legend(results: dict, p: Protocol) -> list[str]:
+    boot = results['meta'].get('bootstrap')
+    lines = [f'Heun {p.num_steps} steps; tuned on {p.tune_n} images (seeds 0–{p.tune_n - 1}), reported on '
+             f'{p.report_sets} × {p.report_n} other images; requested label = seed mod 10. w is the guidance '
+             'weight (g = 1 + w). NFE: network evaluations per image (2·steps − 1 unguided; a guide pass '
+             'doubles it, the mean of k dropout passes (insitu-avgk) makes it (1 + k)×).', '']
+    if boot:
+        lines += [f'FD, KID, precision, recall: the mean over the report sets [percentile bootstrap 95 % '
+                  f'interval: {boot["resamples"]} resamples (seed {boot["seed"]}), each set\'s images '
+                  'resampled within the set]. ΔFD vs none: the paired difference (method − none) on the same '
+                  'resamples (the sets share their seeds, so a resampled row is the same seed for both) '
+                  '[its interval]. Class accuracy, and rows without feature files: mean ± std over the sets '
+                  '(ΔFD: mean, then the per-set values).', '']
+    else:
+        lines += ['Mean ± std over the report sets. ΔFD vs none: the paired difference (method − none) on '
+                  'each report set, which share their seeds: mean, then the per-set values.', '']
+    lines += ['KID ×10³: the unbiased kernel distance (MMD², cubic kernel) of the evaluator features to '
+              'the reference features, times 1000. "edge: w↑" marks a tuned point at the end of its grid '
+              '(here the largest w), where the optimum may lie beyond the grid.', '']
+    return lines
+
+
 def results_markdown(results: dict, protocol: Protocol) -> str:
-    p = protocol
-    lines = [f'Heun {p.num_steps} steps; tuned on {p.tune_n} images (seeds 0–{p.tune_n - 1}), reported '
-             f'on {p.report_sets} × {p.report_n} other images (mean ± std over the sets); requested '
-             'label = seed mod 10. w is the guidance weight (g = 1 + w). NFE: network evaluations per '
-             'image.', '']
-    lines += ['ΔFD vs none: the paired difference (method − none) on each report set, which share their '
-              'seeds: mean, then the per-set values. "edge: w↑" marks a tuned point at the end of its '
-              'grid (here the largest w), where the optimum may lie beyond the grid.', '']
-    head = ('| method | tuned setting | FD-FMNIST ↓ | ΔFD vs none | precision ↑ | recall ↑ | class acc. ↑ '
-            '| NFE | tune FD |')
+    lines = _legend(results, protocol)
+    head = ('| method | tuned setting | FD-FMNIST ↓ | ΔFD vs none | KID ×10³ ↓ | precision ↑ | recall ↑ '
+            '| class acc. ↑ | NFE | tune FD |')
     for model, methods in results['models'].items():
-        lines += [f'### {model}', '', head, '|' + '---|' * 9]
+        lines += [f'### {model}', '', head, '|' + '---|' * 10]
         if model in results['data']:
-            d = results['data'][model]
-            lines.append(f'| {DATA_ROW} | – | {_pm(d["fd_fmnist"], 2)} | – | {_pm(d["precision"], 3)} | '
-                         f'{_pm(d["recall"], 3)} | {_pm(d["class_accuracy"], 3)} | – | – |')
+            d = {'report': results['data'][model]}
+            lines.append(f'| {DATA_ROW} | – | {_cell(d, "fd_fmnist", 2)} | – | {_cell(d, "kid", 2, 1e3)} | '
+                         f'{_cell(d, "precision", 3)} | {_cell(d, "recall", 3)} | {_cell(d, "class_accuracy", 3)} '
+                         '| – | – |')
         for name, entry in methods.items():
             sid, e = tuned_entry(entry)
-            r = e['report']
             edges = grid_edges(entry)
             sid += f' (edge: {", ".join(edges)})' if edges else ''
-            lines.append(f'| {name} | {sid} | {_pm(r["fd_fmnist"], 2)} | {_paired(e, "fd_fmnist")} | '
-                         f'{_pm(r["precision"], 3)} | {_pm(r["recall"], 3)} | {_pm(r["class_accuracy"], 3)} | '
-                         f'{e["nfe_per_image"]:g} | {e["tune"]["fd_fmnist"]:.2f} |')
+            lines.append(f'| {name} | {sid} | {_cell(e, "fd_fmnist", 2)} | {_paired(e, "fd_fmnist")} | '
+                         f'{_cell(e, "kid", 2, 1e3)} | {_cell(e, "precision", 3)} | {_cell(e, "recall", 3)} | '
+                         f'{_cell(e, "class_accuracy", 3)} | {e["nfe_per_image"]:g} | {e["tune"]["fd_fmnist"]:.2f} |')
         skipped = results['meta']['skipped'].get(model) or {}
         if skipped:
             lines += ['', 'Skipped: ' + '; '.join(f'{k} ({v})' for k, v in skipped.items()) + '.']
         lines.append('')
-    return '\n'.join(lines)
+    return '\n'.join(lines + seeds_markdown(results))
+
+
+SEED_SUFFIX = re.compile(r'-seed\d+$')
+
+
+def seed_groups(names) -> dict[str, list[str]]:
+    """Models trained with several seeds (named <base> and <base>-seed<k>): base → their names."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(SEED_SUFFIX.sub('', name), []).append(name)
+    return {base: group for base, group in groups.items() if len(group) > 1}
+
+
+def seeds_markdown(results: dict) -> list[str]:
+    """Per model trained with several seeds, each method's report FD and ΔFD vs none on every seed's
+    model, and their plain mean over the seeds."""
+    lines = []
+    for base, names in seed_groups(results['models']).items():
+        models = [results['models'][n] for n in names]
+        lines += [f'### {base} across training seeds ({", ".join(names)})', '',
+                  'Each method tuned and reported on every seed\'s model as above; "mean": the plain mean '
+                  'over the seeds\' rows.', '',
+                  '| method | tuned settings | FD-FMNIST per seed | mean FD | ΔFD vs none per seed | mean ΔFD |',
+                  '|' + '---|' * 6]
+        for name in [m for m in models[0] if all(m in ms for ms in models)]:
+            tuned = [tuned_entry(ms[name]) for ms in models]
+            fd = [e['report']['fd_fmnist']['mean'] for _, e in tuned]
+            delta = [e.get('vs_none', {}).get('fd_fmnist', {}).get('mean', float('nan')) for _, e in tuned]
+            lines.append(f'| {name} | {"; ".join(sid for sid, _ in tuned)} | {", ".join(f"{v:.2f}" for v in fd)} '
+                         f'| {np.mean(fd):.2f} | {", ".join(f"{v:+.2f}" for v in delta)} | {np.mean(delta):+.2f} |')
+        lines.append('')
+    return lines
 
 
 def plot_tradeoffs(results: dict, path: Path, model: str) -> None:

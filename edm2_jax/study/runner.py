@@ -1,11 +1,13 @@
 """Runs the study: every row's grid on the tuning seeds, the tuned point (lowest FD) on the report
-sets, each method paired with no guidance on the shared report seeds.
+sets, each method paired with no guidance on the shared report seeds, with bootstrap intervals from
+the report sets' evaluator features.
 
 Every result is read back from its file when it exists (`Runner.result`), so an interrupted study
 resumes where it stopped. `plan` counts the work in advance (--dry_run).
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -16,10 +18,12 @@ import numpy as np
 
 from edm2_jax import io
 from edm2_jax.errors import UserError
+from edm2_jax.metrics import bootstrap
 from edm2_jax.study import grids
-from edm2_jax.study.protocol import (METRICS, REPORT_BASE, Protocol, check_protocol, requested_labels,
-                                     result_path, sample_images, write_result)
-from edm2_jax.study.report import tuned_entry, write_outputs
+from edm2_jax.study.protocol import (METRICS, REPORT_BASE, Protocol, check_protocol, features_path,
+                                     requested_labels, result_path, sample_images, write_result)
+from edm2_jax.study.report import (BOOTSTRAP_SEED, RESAMPLES, add_intervals, load_features, tuned_entry,
+                                   write_outputs)
 
 APG = 'apg'   # the name that selects the APG row (it is named apg-<base method> in the results)
 
@@ -51,9 +55,14 @@ class Runner:
         key = (model, method.name)
         self.compiles[key] = self.compiles.get(key, 0) + compile_count() - before
         start = time.perf_counter()
-        metrics = _metrics(self.score(images, requested_labels(net, seeds)))
+        scored = self.score(images, requested_labels(net, seeds))
+        metrics = _metrics(scored.metrics)
         score_s = time.perf_counter() - start
-        if seed_set == 'report0':  # the image grid's source; written before the JSON that marks it done
+        # The bootstrap's rows and the image grid's source, written before the JSON that marks it done.
+        if seed_set != 'tune':
+            io.save_npz(features_path(self.out, model, method.name, sid, seed_set),
+                        features=np.asarray(scored.features, np.float32))
+        if seed_set == 'report0':
             io.save_npz(path.with_suffix('.npz'), images=images[:self.p.grid_n])
         res = dict(model=model, method=method.name, setting=setting, setting_id=sid, seed_set=seed_set,
                    seeds=dict(first=int(seeds[0]), count=len(seeds)), num_steps=self.p.num_steps,
@@ -71,7 +80,7 @@ class Runner:
         path = result_path(self.out, '_data', 'train-split', f'{resolution}x{resolution}', seed_set)
         if path.is_file():
             return json.loads(path.read_text())
-        metrics = _metrics(self.score(images, labels))
+        metrics = _metrics(self.score(images, labels).metrics)
         res = dict(seed_set=seed_set, count=len(images), resolution=resolution, metrics=metrics)
         write_result(path, res)
         self.computed += 1
@@ -102,8 +111,8 @@ def summarize(values: list[float]) -> dict:
 
 
 def report_summary(results: list[dict]) -> dict:
-    keys = results[0]['metrics'].keys()
-    return {k: summarize([r['metrics'][k] for r in results]) for k in keys}
+    """Per metric, mean ± std over the report sets (NaN for a metric an older result lacks)."""
+    return {k: summarize([r['metrics'].get(k, float('nan')) for r in results]) for k in METRICS}
 
 
 def add_paired_differences(methods: dict) -> None:
@@ -163,7 +172,7 @@ def plan(models: dict, ctx_of: Callable, p: Protocol, only=None) -> list[dict]:
     cost (the tuned points are not known in advance), so the totals are upper bounds."""
     rows = []
     for name, net in models.items():
-        ctx = ctx_of(net)
+        ctx = ctx_of(name, net)
         methods = [m for m in grids.all_methods(ctx, p.quick) if only is None or m.name in only]
         if only is None or grids.SCHEDULE in only:   # its grid size and cost do not depend on the base point
             base = next(m for m in grids.all_methods(ctx, p.quick) if m.name == 'insitu').grid[0]
@@ -187,36 +196,56 @@ def plan(models: dict, ctx_of: Callable, p: Protocol, only=None) -> list[dict]:
 
 def check_methods(models: dict, ctx_of: Callable, only, quick: bool) -> None:
     if only is not None:
-        known = {APG, grids.SCHEDULE} | {m.name for net in models.values()
-                                         for m in grids.all_methods(ctx_of(net), quick)}
+        known = {APG, grids.SCHEDULE} | {m.name for name, net in models.items()
+                                         for m in grids.all_methods(ctx_of(name, net), quick)}
         if set(only) - known:
             raise UserError(f'unknown methods {sorted(set(only) - known)}', where='--methods',
                             fix=f'known: {sorted(known)}')
 
 
 def run_study(models: dict, ctx_of: Callable, score: Callable, out, protocol: Protocol, *,
-              only=None, reference: Callable | None = None, evaluator: dict | None = None,
-              log: Callable = print) -> dict:
-    """models: name → Network; ctx_of(net) → grids.Context; score(uint8 images [N,R,R,C],
-    requested labels | None) → metrics dict; reference(R) → per report set (uint8 images at R,
-    labels) of real images, or None for no floor row; evaluator: what to record about the scorer.
-    Writes every output under `out` and returns the results dict."""
+              only=None, reference: Callable | None = None, feature_refs: Callable | None = None,
+              resamples: int = RESAMPLES, evaluator: dict | None = None, log: Callable = print) -> dict:
+    """models: name → Network; ctx_of(name, net) → grids.Context; score(uint8 images [N,R,R,C],
+    requested labels | None) → protocol.Scored (metrics, features); reference(R) → per report set
+    (uint8 images at R, labels) of real images, or None for no floor row; feature_refs(R) → what
+    score compares features with at R (.mu, .sigma: FD; .features: KID, precision, recall), for
+    bootstrap intervals over `resamples` resamples (0: none); evaluator: what to record
+    about the scorer. Writes every output under `out` and returns the results dict."""
     check_protocol(protocol)
     check_methods(models, ctx_of, only, protocol.quick)
+    if resamples < 0 or resamples == 1:
+        raise UserError(f'need 0 (no intervals) or at least 2 resamples, got {resamples}', where='--resamples')
     out = Path(out)
     runner = Runner(out, protocol, score, log)
     results = dict(meta=dict(protocol=protocol._asdict(), report_seed_base=REPORT_BASE,
                              label_rule='seed mod label_dim', std='ddof=1 over report sets',
                              evaluator=evaluator, skipped={}), models={}, data={})
+    intervals = feature_refs is not None and resamples > 0
+    if intervals:
+        results['meta']['bootstrap'] = dict(
+            resamples=resamples, seed=BOOTSTRAP_SEED, level=0.95, statistic='mean over the report sets',
+            resampling='rows within each report set; the same resamples for every method (paired vs none)')
+    prepared = functools.cache(lambda r: _prepared_reference(feature_refs(r)))
     for name, net in models.items():
         if reference is not None:
             r = net.config.img_resolution
             rows = [runner.reference(r, k, *sets) for k, sets in zip(protocol.report_names, reference(r))]
             results['data'][name] = report_summary(rows)
-        ctx = ctx_of(net)
+        ctx = ctx_of(name, net)
         results['models'][name] = run_model(runner, name, net, ctx, only)
         results['meta']['skipped'][name] = grids.skipped_methods(ctx)
+        if intervals:
+            start = time.perf_counter()
+            add_intervals(results['models'][name], lambda method, sid: load_features(
+                [features_path(out, name, method, sid, k) for k in protocol.report_names]),
+                lambda: prepared(net.config.img_resolution), resamples)
+            log(f'{name}: bootstrap intervals in {time.perf_counter() - start:.0f} s')
     results['meta']['results_computed_this_run'] = runner.computed
     results['meta']['compiles_this_run'] = {f'{model}/{method}': n for (model, method), n in runner.compiles.items()}
     write_outputs(results, out, protocol)
     return results
+
+
+def _prepared_reference(refs) -> bootstrap.Reference:
+    return bootstrap.reference(refs.features, ref_mu=refs.mu, ref_sigma=refs.sigma)
