@@ -8,7 +8,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 FMNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-CACHE ?= .cache
+CACHE ?= $(HOME)/.cache/edm2-jax
 FMNIST_PRESETS := fmnist-main fmnist-main-drop fmnist-guide fmnist-uncond
 # Second training seeds (the study's extra main models): `train` trains fmnist-main's, `train-seeds` also
 # fmnist-main-drop's.

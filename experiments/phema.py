@@ -1,6 +1,6 @@
 r"""Post-hoc EMA reconstruction (edm2-spec §6.1): networks of any EMA length from a run's snapshots.
 
-    python -m experiments.phema --in=.cache/fmnist/fmnist-main --std=0.07,0.12 --out=nets
+    python -m experiments.phema --in=$HOME/.cache/edm2-jax/fmnist/fmnist-main --std=0.07,0.12 --out=nets
 
 writes one checkpoint.load-able directory per σ_rel, `<out>/network-<σ_rel:.3f>` (with --time,
 `<out>/network-<time:012d>-<σ_rel:.3f>`), reconstructed at the latest snapshot time or at --time

@@ -1,6 +1,6 @@
 r"""Train an EDM2 network (edm2-spec §6): resumable, logged, with post-hoc EMA export at the end.
 
-    python -m experiments.train --preset=fmnist-main --run_dir=.cache/fmnist/fmnist-main
+    python -m experiments.train --preset=fmnist-main --run_dir=$HOME/.cache/edm2-jax/fmnist/fmnist-main
     python -m experiments.train --config=my_config.json --data=images.zip --run_dir=runs/mine
 
 Run directory:
