@@ -1,8 +1,8 @@
 """The 2-D toy experiment (docs/toy2d-spec.md): takes the main model and the two guides from
 experiments/toy2d_models (or trains them, cached with orbax under --outdir/models; the main model with
 its run's EMA snapshots, for the history guides), samples with every guidance method from common start
-points, and writes
-figure.png, metrics.json (method → metric → value, with the exact-vs-exact row 'exact') and metrics.md.
+points, and writes figure.png, metrics.json (method → metric → value, with the exact-vs-exact row
+'exact') and metrics.md.
 
   python -m experiments.toy2d                  # the demo: 89 s on a 2-core CPU (shared, load 4), bundled models
   python -m experiments.toy2d --quick          # tiny models, < 1 min (tests / CI)

@@ -4,10 +4,9 @@
 A `Method` is a list of `guidance.Term`s, D = D_main + Σ_i w_i (D_main − D_guide_i), made by the
 registry `edm2_jax.methods` exactly as for EDM2 networks; a term's guide is None for the main model
 itself (self-guidance) or another model's id such as 'ag', 'cfg' or a history guide of the main run
-(`history_model`), and its `edm2_jax.perturb`
-perturbations (the MLP's kinds: dropout of hidden activations with a fresh key per sample and
-evaluation, skip of hidden layers, sigma_shift; see `toy.model`) have numbers or σ-Schedules as
-strengths. Numbers are traced, so a (w, p) or (w, δ) grid compiles once per shape.
+(`history_model`), and its `edm2_jax.perturb` perturbations (the MLP's kinds: dropout of hidden
+activations with a fresh key per sample and evaluation, skip of hidden layers, sigma_shift; see
+`toy.model`) have numbers or σ-Schedules as strengths. Numbers are traced, so a (w, p) or (w, δ) grid compiles once per shape.
 """
 from __future__ import annotations
 
