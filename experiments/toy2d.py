@@ -4,7 +4,7 @@ its run's EMA snapshots, for the history guides), samples with every guidance me
 points, and writes figure.png, metrics.json (method → metric → value, with the exact-vs-exact row
 'exact') and metrics.md.
 
-  python -m experiments.toy2d                  # the demo: 89 s on a 2-core CPU (shared, load 4), bundled models
+  python -m experiments.toy2d                  # the demo: 113 s on a 2-core CPU (shared, load 4), bundled models
   python -m experiments.toy2d --quick          # tiny models, < 1 min (tests / CI)
   python -m experiments.toy2d --large          # 4× the samples (16384 per method), the same models
   python -m experiments.toy2d --sweep          # + in-situ (p, w) heat-maps (sweep.png)
