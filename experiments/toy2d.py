@@ -1,8 +1,10 @@
 """The 2-D toy experiment (docs/toy2d-spec.md): takes the main model and the two guides from
-experiments/toy2d_models (or trains them, cached with orbax under --outdir/models), samples with every guidance method from common start points, and writes
-figure.png, metrics.json (method → metric → value, with the exact-vs-exact row 'exact') and metrics.md.
+experiments/toy2d_models (or trains them, cached with orbax under --outdir/models; the main model with
+its run's EMA snapshots, for the history guides), samples with every guidance method from common start
+points, and writes figure.png, metrics.json (method → metric → value, with the exact-vs-exact row
+'exact') and metrics.md.
 
-  python -m experiments.toy2d                  # the demo: 89 s on a 2-core CPU (shared, load 4), bundled models
+  python -m experiments.toy2d                  # the demo: 113 s on a 2-core CPU (shared, load 4), bundled models
   python -m experiments.toy2d --quick          # tiny models, < 1 min (tests / CI)
   python -m experiments.toy2d --large          # 4× the samples (16384 per method), the same models
   python -m experiments.toy2d --sweep          # + in-situ (p, w) heat-maps (sweep.png)
@@ -63,11 +65,12 @@ class Setting(NamedTuple):
     batch: int
     num_samples: int
     figure_grid: int
+    main_snapshots: int   # EMA snapshots of the main run (every 1/main_snapshots of it; 0: none, no history rows)
 
 
-DEMO = Setting(64, 32, 4096, 512, 4096, 1 << 12, 200)    # LARGE's models (shared cache), ¼ of its samples
-LARGE = Setting(64, 32, 4096, 512, 4096, 1 << 14, 300)
-QUICK = Setting(16, 8, 256, 64, 512, 2048, 120)
+DEMO = Setting(64, 32, 4096, 512, 4096, 1 << 12, 200, 8)    # LARGE's models (shared cache), ¼ of its samples
+LARGE = Setting(64, 32, 4096, 512, 4096, 1 << 14, 300, 8)
+QUICK = Setting(16, 8, 256, 64, 512, 2048, 120, 0)
 FIGURE_W = {'cfg': 3.0, 'ag': 2.0, 'insitu': 2.0}      # the paper's operating points (w = g − 1)
 SELF_GUIDE_W = 2.0   # the figure's skip-layer and sigma-shift panels: best row at this w (as in-situ)
 INSITU_P_SCHEDULE = G.Schedule.linear([0.05, 1.0], [0.02, 0.1])  # declared before running
@@ -130,6 +133,17 @@ def sigma_shift(w, delta):
     return Method(f'sigma-shift δ={delta:g} w={w:g}', registry.terms('sigma-shift', w, delta))
 
 
+def history(w, guide):
+    """Self-guidance from the training history: the guide is one of `HISTORY`, made from the main run."""
+    return Method(f'{guide} w={w:g}', registry.terms('history', w, guide=guide))
+
+
+# The main run's history guides: name → (time as a fraction of the run, σ_rel; None: the main model's).
+# The early snapshots are the main model's EMA as it was then; σ_rel 0.002 is the short tracked profile
+# itself, 0.005 a post-hoc reconstruction from both profiles.
+HISTORY = {'history-early t=1/8': (1 / 8, None), 'history-early t=1/4': (1 / 4, None),
+           'history-ema σ_rel=0.005': (1.0, 0.005), 'history-ema σ_rel=0.002': (1.0, 0.002)}
+
 SKIP_LAYERS = (1, 2, 3)          # the hidden layers of the default 4-layer MLP
 SHIFT_DELTAS = (0.1, 0.25, 0.5)
 
@@ -143,6 +157,7 @@ def default_methods():
             + [sigma_shift(w, d) for d in SHIFT_DELTAS for w in (1.0, 2.0)]
             + [insitu_frozen(w, p) for p in (0.05, 0.1) for w in (1.0, 2.0)]
             + [insitu_avg(2.0, p, k) for p in (0.05, 0.1) for k in (2, 4)] + [insitu_avg(2.0, 0.05, 2, True)]
+            + [history(w, g) for g in HISTORY for w in (1.0, 2.0)]
             + [hybrid(2.0, 0.05, 'ag'), two_term(1.0, 1.0, 0.05, 'ag'), insitu_schedule(2.0)]
             + [cfg_rule(3.0, 'cfg-rescale φ=0.7', rules.Rescale(0.7)),
                cfg_rule(3.0, 'cfg-zero* zero-init 1', rules.ZeroStar(zero_init_steps=1))])
@@ -169,6 +184,7 @@ def full_methods():
             for w in (1.0, 2.0)]
     out += [skip_layer(w, i) for i in SKIP_LAYERS for w in (0.25, 0.5, 1.0, 2.0)]
     out += [sigma_shift(w, d) for d in (0.05,) + SHIFT_DELTAS + (1.0,) for w in (0.25, 0.5, 1.0, 2.0)]
+    out += [history(w, g) for g in HISTORY for w in (0.5, 1.0, 2.0)]
     return out
 
 
@@ -181,7 +197,7 @@ SWEEP_W = (0.25, 0.5, 1.0, 2.0, 3.0)
 
 def model_specs(s: Setting, dropout_rate: float) -> dict[str, train_lib.TrainSpec]:
     specs = {
-        'main': train_lib.TrainSpec('A', ToyConfig(s.main_width), s.main_steps, s.batch),
+        'main': train_lib.TrainSpec('A', ToyConfig(s.main_width), s.main_steps, s.batch, snapshots=s.main_snapshots),
         'ag': train_lib.TrainSpec('A', ToyConfig(s.guide_width), s.guide_steps, s.batch),
         'cfg': train_lib.TrainSpec('AB', ToyConfig(s.guide_width), s.guide_steps, s.batch),
     }
@@ -211,49 +227,82 @@ def _from_tree(tree):
     return {'gain': jnp.asarray(tree['gain']), 'weights': tuple(jnp.asarray(ws[str(i)]) for i in range(len(ws)))}
 
 
-def _bundled(name: str, seed: int, meta: dict):
-    """The shipped parameters of NAME-seedS if they were trained with exactly these settings, else None."""
+def _stacked(snapshots) -> dict:
+    """The snapshots' parameters stacked along a leading axis (in `TrainSpec.snapshot_points` order)."""
+    return _to_tree(jax.tree.map(lambda *a: np.stack(a), *[s.params for s in snapshots]))
+
+
+def _unstacked(params, spec: train_lib.TrainSpec) -> list[train_lib.Snapshot]:
+    return [train_lib.Snapshot(t, s, jax.tree.map(lambda a: a[i], params))
+            for i, (t, s) in enumerate(spec.snapshot_points())]
+
+
+def _npz_arrays(params, prefix: str = '') -> dict:
+    return {f'{prefix}gain': np.asarray(params['gain'])} | {f'{prefix}w{i}': np.asarray(w)
+                                                           for i, w in enumerate(params['weights'])}
+
+
+def _npz_params(z, prefix: str = ''):
+    count = sum(k.startswith(f'{prefix}w') for k in z.files)
+    return {'gain': jnp.asarray(z[f'{prefix}gain']),
+            'weights': tuple(jnp.asarray(z[f'{prefix}w{i}']) for i in range(count))}
+
+
+def _bundled(name: str, seed: int, spec: train_lib.TrainSpec):
+    """The shipped (parameters, snapshots) of NAME-seedS if trained with exactly these settings, else None."""
     path = BUNDLED / f'{name}-seed{seed}.npz'
     if not path.is_file():
         return None
     with np.load(path) as z:
-        if json.loads(str(z['meta'])) != json.loads(json.dumps(meta)):
+        if json.loads(str(z['meta'])) != json.loads(json.dumps(_spec_meta(spec, seed))):
             return None
-        count = sum(k.startswith('w') for k in z.files)
-        return {'gain': jnp.asarray(z['gain']), 'weights': tuple(jnp.asarray(z[f'w{i}']) for i in range(count))}
+        snapshots = _unstacked(_npz_params(z, 'snapshot_'), spec) if spec.snapshots else []
+        return _npz_params(z), snapshots
 
 
 def save_bundled(outdir, seed: int = 0) -> None:
-    """Ships OUTDIR/models/*-seedS (models this script trained) as BUNDLED/*.npz."""
+    """Ships OUTDIR/models/*-seedS (models this script trained, with their snapshots) as BUNDLED/*.npz."""
     for path in sorted((Path(outdir) / 'models').glob(f'*-seed{seed}')):
         tree, meta = checkpoint.load_variables(path)
-        params = _from_tree(tree)
-        io.save_npz(BUNDLED / f'{path.name}.npz', meta=np.asarray(json.dumps(meta)), gain=np.asarray(params['gain']),
-                    **{f'w{i}': np.asarray(w) for i, w in enumerate(params['weights'])})
+        snapshots = _npz_arrays(_from_tree(tree['snapshots']), 'snapshot_') if 'snapshots' in tree else {}
+        io.save_npz(BUNDLED / f'{path.name}.npz', meta=np.asarray(json.dumps(meta)),
+                    **_npz_arrays(_from_tree(tree)), **snapshots)
 
 
-def get_model(outdir: Path, name: str, spec: train_lib.TrainSpec, seed: int, retrain: bool) -> tuple[Model, float]:
+def get_model(outdir: Path, name: str, spec: train_lib.TrainSpec, seed: int, retrain: bool
+              ) -> tuple[Model, list[train_lib.Snapshot], float]:
     """Loads OUTDIR/models/NAME-seedS if its stored spec matches, else the bundled model if it
-    matches, else trains and saves it. Returns the model and the training wall time (0 when loaded)."""
+    matches, else trains and saves it. Returns the model, its run's EMA snapshots (`spec.snapshots`)
+    and the training wall time (0 when loaded)."""
     path = outdir / 'models' / f'{name}-seed{seed}'
     meta = _spec_meta(spec, seed)
-    if not retrain and not path.exists() and (params := _bundled(name, seed, meta)) is not None:
-        return Model(params, spec.config), 0.0
+    if not retrain and not path.exists() and (bundled := _bundled(name, seed, spec)) is not None:
+        return Model(bundled[0], spec.config), bundled[1], 0.0
     if path.exists() and not retrain:
         try:
             tree, stored = checkpoint.load_variables(path)
             if stored == json.loads(json.dumps(meta)):
-                return Model(_from_tree(tree), spec.config), 0.0
+                snapshots = _unstacked(_from_tree(tree['snapshots']), spec) if spec.snapshots else []
+                return Model(_from_tree(tree), spec.config), snapshots, 0.0
             logging.info('%s: cached model has different settings; retraining', path)
         except (FileNotFoundError, ValueError) as e:
             logging.warning('%s: cannot load (%s); retraining', path, e)
     t0 = time.time()
     key = jax.random.fold_in(jax.random.key(seed), sum(map(ord, name)))
-    params, _ = train_lib.train(spec, key, desc=f'train {name} (seed {seed})')
+    params, _, snapshots = train_lib.train(spec, key, desc=f'train {name} (seed {seed})')
     jax.block_until_ready(params)
     elapsed = time.time() - t0
-    checkpoint.save_variables(path, _to_tree(params), meta, overwrite=True)
-    return Model(params, spec.config), elapsed
+    tree = _to_tree(params) | ({'snapshots': _stacked(snapshots)} if snapshots else {})
+    checkpoint.save_variables(path, tree, meta, overwrite=True)
+    return Model(params, spec.config), snapshots, elapsed
+
+
+def history_guides(snapshots, spec: train_lib.TrainSpec) -> dict[str, Model]:
+    """The `HISTORY` guides of a run from its snapshots (`toy.methods.history_model`)."""
+    total = spec.steps * spec.batch
+    return {name: methods_lib.history_model(snapshots, spec.config, sigma_rel or spec.ema_sigma_rel,
+                                            round(total * fraction))
+            for name, (fraction, sigma_rel) in HISTORY.items()}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -330,7 +379,8 @@ def main(argv):
     for ts in train_seeds:
         models = {}
         for name, spec in specs.items():
-            models[name], train_time[f'{name}-seed{ts}'] = get_model(outdir, name, spec, ts, FLAGS.retrain)
+            models[name], snapshots, train_time[f'{name}-seed{ts}'] = get_model(outdir, name, spec, ts, FLAGS.retrain)
+            models |= history_guides(snapshots, spec) if snapshots else {}
         if ts == train_seeds[0]:
             rates = {'main': 0.05} | ({'drop': FLAGS.dropout_train_rate} if 'drop' in models else {})
             sanity = dropout_sanity(models, jax.random.key(777), rates)

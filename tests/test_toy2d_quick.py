@@ -106,10 +106,10 @@ def test_run_info(quick_run):
 def test_model_cache(tmp_path):
     from experiments import toy2d
     spec = train_lib.TrainSpec('A', ToyConfig(4), steps=3, batch=16)
-    m1, t1 = toy2d.get_model(tmp_path, 'main', spec, 0, retrain=False)
-    m2, t2 = toy2d.get_model(tmp_path, 'main', spec, 0, retrain=False)
+    m1, _, t1 = toy2d.get_model(tmp_path, 'main', spec, 0, retrain=False)
+    m2, _, t2 = toy2d.get_model(tmp_path, 'main', spec, 0, retrain=False)
     assert t1 > 0 and t2 == 0.0
     for a, b in zip(jax.tree.leaves(m1.params), jax.tree.leaves(m2.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    _, t3 = toy2d.get_model(tmp_path, 'main', spec._replace(steps=4), 0, retrain=False)  # settings changed
+    _, _, t3 = toy2d.get_model(tmp_path, 'main', spec._replace(steps=4), 0, retrain=False)  # settings changed
     assert t3 > 0

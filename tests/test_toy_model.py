@@ -125,7 +125,7 @@ def test_edm_loss_pieces():
 
 def test_short_training_learns():
     spec = train.TrainSpec('A', T.ToyConfig(16), steps=150, batch=512)
-    params, losses = train.train(spec, jax.random.key(0), progress=False)
+    params, losses, _ = train.train(spec, jax.random.key(0), progress=False)
     losses = np.asarray(losses)
     assert np.all(np.isfinite(losses)) and losses[-20:].mean() < 0.6 * losses[:5].mean()
     init = T.init(spec.config, jax.random.key(9))

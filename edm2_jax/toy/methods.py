@@ -3,10 +3,10 @@
 
 A `Method` is a list of `guidance.Term`s, D = D_main + Σ_i w_i (D_main − D_guide_i), made by the
 registry `edm2_jax.methods` exactly as for EDM2 networks; a term's guide is None for the main model
-itself (self-guidance) or another model's id such as 'ag', 'cfg', and its `edm2_jax.perturb`
-perturbations (the MLP's kinds: dropout of hidden activations with a fresh key per sample and
-evaluation, skip of hidden layers, sigma_shift; see `toy.model`) have numbers or σ-Schedules as
-strengths. Numbers are traced, so a (w, p) or (w, δ) grid compiles once per shape.
+itself (self-guidance) or another model's id such as 'ag', 'cfg' or a history guide of the main run
+(`history_model`), and its `edm2_jax.perturb` perturbations (the MLP's kinds: dropout of hidden
+activations with a fresh key per sample and evaluation, skip of hidden layers, sigma_shift; see
+`toy.model`) have numbers or σ-Schedules as strengths. Numbers are traced, so a (w, p) or (w, δ) grid compiles once per shape.
 """
 from __future__ import annotations
 
@@ -15,11 +15,14 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from edm2_jax import guidance as G
 from edm2_jax import rules as R
 from edm2_jax.denoiser import check_draws
 from edm2_jax import sampling
+from edm2_jax import train_state
+from edm2_jax.network import Network
 from edm2_jax.toy import fractal as mixture_lib
 from edm2_jax.toy import model as model_lib
 
@@ -35,6 +38,16 @@ class Method(NamedTuple):
 class Model(NamedTuple):
     params: Any
     config: model_lib.ToyConfig
+
+
+def history_model(snapshots, config: model_lib.ToyConfig, sigma_rel: float, t: int | None = None) -> Model:
+    """The run's post-hoc EMA at `sigma_rel` and snapshot time t (examples seen; default the last) from
+    its `toy.train.Snapshot`s: EDM2's reconstruction (`train_state.reconstruct_phema`) on the toy's
+    parameters. At a tracked σ_rel and an early t it is the snapshot itself (an early-snapshot guide)."""
+    refs = [train_state.Snapshot(s.t, s.sigma_rel, i) for i, s in enumerate(snapshots)]
+    nets = train_state.reconstruct_phema('the toy run', [sigma_rel], t, snapshots=refs, load=lambda i: Network(
+        config, {'params': jax.tree.map(np.asarray, snapshots[i].params), 'buffers': {}}))
+    return Model(jax.tree.map(jnp.asarray, nets[float(sigma_rel)].variables['params']), config)
 
 
 def _model_denoiser(config, params, perturbation=(), draws=None, sample_keys=None, index=0):
