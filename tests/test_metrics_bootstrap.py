@@ -180,3 +180,29 @@ def test_prepared_reference_gives_the_same_statistics():
             assert got[name](counts) == pytest.approx(want[name](counts), rel=1e-12), name
     with pytest.raises(ValueError, match='equal D'):
         B.statistics(ref, fake[:, :5])
+
+
+def test_standardized_kid_is_the_mmd_of_the_standardized_rows():
+    """KID on rows standardized by the reference statistics, (x − μ)/√diag Σ, written here: at c = 1
+    the unbiased MMD² with the cubic kernel, all rows; the other statistics as without it."""
+    rng = np.random.default_rng(9)
+    real, fake = 5 + 3 * rng.standard_normal((60, 6)), 5.5 + 3 * rng.standard_normal((30, 6))
+    mu, sigma = real.mean(0), np.cov(real, rowvar=False)
+    ref = B.reference(real, k=2, ref_mu=mu, ref_sigma=sigma, kid_standardize=True)
+    x, y = ((a - mu) / np.sqrt(np.diag(sigma)) for a in (fake, real))
+    k = lambda a, b: (a @ b.T / a.shape[1] + 1) ** 3   # noqa: E731
+    off = lambda g: (g.sum() - np.trace(g)) / (len(g) * (len(g) - 1))   # noqa: E731
+    want = off(k(x, x)) + off(k(y, y)) - 2 * k(x, y).mean()
+    got = B.statistics(ref, fake)
+    ones = np.ones(30, np.int64)
+    assert got['kid'](ones) == pytest.approx(want, rel=1e-9)
+    raw = B.statistics(B.reference(real, k=2, ref_mu=mu, ref_sigma=sigma), fake)
+    assert abs(raw['kid'](ones) - want) > 1e-3 * abs(want)
+    for name in ('fd', 'precision', 'recall'):
+        assert got[name](ones) == raw[name](ones)
+
+
+def test_normal_interval():
+    values = np.array([1.0, 2.0, 4.0, 7.0])
+    half = 1.959963984540054 * np.std(values, ddof=1)
+    assert B.normal_interval(3.0, values) == pytest.approx((3.0 - half, 3.0 + half), rel=1e-12)

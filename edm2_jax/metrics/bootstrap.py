@@ -29,6 +29,7 @@ once per reference set (`reference`), not per generated set.
 """
 from __future__ import annotations
 
+import statistics as statistics_lib
 from typing import Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
@@ -79,6 +80,15 @@ def mean_over_strata(per_stratum: Sequence[Statistic], n: Sequence[int]) -> Stat
     if len(per_stratum) != len(edges) - 1:
         raise UserError(f'{len(per_stratum)} statistics for {len(edges) - 1} strata', where='per_stratum')
     return lambda c: float(np.mean([f(c[a:b]) for f, a, b in zip(per_stratum, edges[:-1], edges[1:])]))
+
+
+def normal_interval(value: float, values, level: float = 0.95) -> tuple[float, float]:
+    """value ∓ z·(the replicates' standard deviation): for a statistic whose bootstrap distribution
+    is shifted by its own small-sample bias (FD's is upward, by about its value at n = 500), where the
+    percentile interval need not contain the value."""
+    z = statistics_lib.NormalDist().inv_cdf((1 + level) / 2)
+    half = z * float(np.std(np.asarray(values), ddof=1))
+    return value - half, value + half
 
 
 def percentile_interval(values, level: float = 0.95) -> tuple[float, float]:
@@ -223,23 +233,30 @@ class Reference(NamedTuple):
     k: int                 # the neighbourhood size of precision and recall
     radii: np.ndarray      # squared k-NN radii of the reference rows (precision)
     kyy: float             # the reference term of KID (`kid_reference_term`)
+    kid_standardize: bool  # KID on `kid.standardize`d rows (the reference rows' kyy too)
 
 
-def reference(real, *, k: int = 3, ref_mu=None, ref_sigma=None, block: int = 1024) -> Reference:
+def reference(real, *, k: int = 3, ref_mu=None, ref_sigma=None, kid_standardize: bool = False,
+              block: int = 1024) -> Reference:
     """The reference rows `real` prepared once; FD against (ref_mu, ref_sigma) when given (e.g. EDM2
-    refs), else the real rows' own."""
+    refs), else the real rows' own; KID on rows standardized by them when kid_standardize."""
     real = prdc.check_features(real, real)[0]
     if ref_mu is None:
         ref_mu, ref_sigma = real.mean(axis=0), np.cov(real, rowvar=False)
-    return Reference(real, np.asarray(ref_mu, np.float64), np.asarray(ref_sigma, np.float64), sqrt_psd(ref_sigma),
-                     k, prdc.knn_radii(real, k, block), kid_reference_term(real, block))
+    mu, sigma = np.asarray(ref_mu, np.float64), np.asarray(ref_sigma, np.float64)
+    kid_rows = kid_lib.standardize(real, mu, sigma) if kid_standardize else real
+    return Reference(real, mu, sigma, sqrt_psd(sigma), k, prdc.knn_radii(real, k, block),
+                     kid_reference_term(kid_rows, block), kid_standardize)
 
 
 def statistics(ref: Reference, fake, block: int = 1024) -> dict[str, Statistic]:
     """{'fd', 'kid', 'precision', 'recall'} of the generated rows `fake` against a prepared reference."""
     prdc.check_features(ref.features, fake)
+    kid_real, kid_fake = ref.features, fake
+    if ref.kid_standardize:
+        kid_real, kid_fake = (kid_lib.standardize(x, ref.mu, ref.sigma) for x in (ref.features, fake))
     return {'fd': fd_statistic(fake, ref.mu, ref.sigma, ref_sqrt=ref.sqrt_sigma),
-            'kid': kid_statistic(ref.features, fake, block, kyy=ref.kyy),
+            'kid': kid_statistic(kid_real, kid_fake, block, kyy=ref.kyy),
             **precision_recall_statistics(ref.features, fake, ref.k, block, radii=ref.radii)}
 
 

@@ -49,6 +49,15 @@ def mmd2_unbiased(x, y, block: int = 1024) -> float:
     return float(kxx + kyy - 2 * kxy)
 
 
+def standardize(features, mu, sigma) -> np.ndarray:
+    """(x − μ)/√diag Σ per dimension, (μ, Σ) the reference statistics: for feature spaces far from the
+    scale the kernel's /d assumes (Inception's pooled features, x·y/d ≲ 1). A classifier's signed
+    penultimate features (|x|²/d ≈ 15 for the Fashion-MNIST evaluator) make the cube's tails dominate:
+    KID's spread over subsets then swamps every difference between methods."""
+    scale = np.sqrt(np.maximum(np.diagonal(np.asarray(sigma, np.float64)), 1e-12))
+    return (np.asarray(features, np.float64) - np.asarray(mu, np.float64)) / scale
+
+
 def check_features(real, fake) -> tuple[np.ndarray, np.ndarray]:
     """Both [N ≥ 2, D] with the same D and finite (returned as arrays, not copied), or a UserError."""
     real, fake = np.asarray(real), np.asarray(fake)

@@ -171,7 +171,7 @@ def all_methods(ctx: Context, quick: bool = False) -> list[Method]:
                tuple({**d, 'lo': lo, 'hi': hi} for d in _grid(w=g['w_interval']) for lo, hi in g['intervals']),
                lambda s, ctx: dict(method='cfg', guidance=_g(s), guide=ctx.uncond, interval=(s['lo'], s['hi'])),
                needs='uncond'),
-        Method('cfg-rescale', _grid(w=g['w_fine'][-4:], phi=g['rescale_phi']),
+        Method('cfg-rescale', _grid(w=g['w_fine'][1:], phi=g['rescale_phi']),
                lambda s, ctx: dict(method='cfg', guidance=_g(s), guide=ctx.uncond, rule=rules.Rescale(s['phi'])),
                needs='uncond'),
         Method('cfg-zerostar', _grid(w=g['w_fine'], zero_init=g['zero_init']),

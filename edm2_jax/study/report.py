@@ -57,8 +57,9 @@ def load_features(paths: list[Path]) -> list[np.ndarray] | None:
     return out
 
 
-def _interval(value: float, replicates, level: float = 0.95) -> dict:
-    low, high = B.percentile_interval(replicates, level)
+def _interval(value: float, replicates, normal: bool = False, level: float = 0.95) -> dict:
+    low, high = (B.normal_interval(value, replicates, level) if normal
+                 else B.percentile_interval(replicates, level))
     return dict(value=float(value), low=low, high=high)
 
 
@@ -66,10 +67,13 @@ def add_intervals(methods: dict, features_of: Callable, reference: Callable[[], 
                   num_resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED) -> None:
     """Each tuned entry of one model's `methods` whose report features exist (features_of(method,
     setting id) → one [n, D] array per report set, or None) gains `intervals`: per metric of
-    BOOTSTRAPPED, the mean over the report sets of the set's value, and its percentile bootstrap 95 %
-    interval, the rows resampled within each set (`bootstrap.mean_over_strata`). Every method draws
-    the same resamples (one seed, the same set sizes), and row i of a set is seed i's image for every
-    method, so `vs_none_intervals` (method − none on the same resamples) is the paired difference.
+    BOOTSTRAPPED, the mean over the report sets of the set's value, and its normal bootstrap 95 %
+    interval (value ∓ 1.96 bootstrap standard errors: FD's resamples sit above its value by its
+    small-sample bias, so a percentile interval can miss the value), the rows resampled within each
+    set (`bootstrap.mean_over_strata`). Every method draws the same resamples (one seed, the same set
+    sizes), and row i of a set is seed i's image for every method, so `vs_none_intervals` (method −
+    none on the same resamples, whose biases nearly cancel: a percentile interval) is the paired
+    difference.
     reference() → the prepared reference set (called once, only if some features exist).
 
     Cost, measured on random 128-d features, 3 sets × 2,000 rows, 200 resamples, on the shared
@@ -88,7 +92,7 @@ def add_intervals(methods: dict, features_of: Callable, reference: Callable[[], 
         stats = {m: B.mean_over_strata([s[b] for s in per_set], sizes[name]) for m, b in BOOTSTRAPPED.items()}
         values[name] = {m: f(np.ones(sum(sizes[name]), np.int64)) for m, f in stats.items()}
         reps[name] = B.replicates(stats, sizes[name], num_resamples, seed)
-        e['intervals'] = {m: _interval(values[name][m], reps[name][m]) for m in stats}
+        e['intervals'] = {m: _interval(values[name][m], reps[name][m], normal=True) for m in stats}
     if 'none' not in reps:
         return
     for name in [n for n in reps if sizes[n] == sizes['none']]:   # the same draws only for the same sizes
@@ -135,17 +139,18 @@ def _legend(results: dict, p: Protocol) -> list[str]:
              'weight (g = 1 + w). NFE: network evaluations per image (2·steps − 1 unguided; a guide pass '
              'doubles it, the mean of k dropout passes (insitu-avgk) makes it (1 + k)×).', '']
     if boot:
-        lines += [f'FD, KID, precision, recall: the mean over the report sets [percentile bootstrap 95 % '
-                  f'interval: {boot["resamples"]} resamples (seed {boot["seed"]}), each set\'s images '
-                  'resampled within the set]. ΔFD vs none: the paired difference (method − none) on the same '
-                  'resamples (the sets share their seeds, so a resampled row is the same seed for both) '
-                  '[its interval]. Class accuracy, and rows without feature files: mean ± std over the sets '
+        lines += [f'FD, KID, precision, recall: the mean over the report sets [normal bootstrap 95 % '
+                  f'interval, ± 1.96 standard errors: {boot["resamples"]} resamples (seed {boot["seed"]}), '
+                  'each set\'s images resampled within the set; FD\'s own small-sample bias, the same for '
+                  'every method at one n, is not in it]. ΔFD vs none: the paired difference (method − none) '
+                  'on the same resamples (the sets share their seeds, so a resampled row is the same seed '
+                  'for both) [its percentile interval]. Class accuracy, and rows without feature files: mean ± std over the sets '
                   '(ΔFD: mean, then the per-set values).', '']
     else:
         lines += ['Mean ± std over the report sets. ΔFD vs none: the paired difference (method − none) on '
                   'each report set, which share their seeds: mean, then the per-set values.', '']
     lines += ['KID ×10³: the unbiased kernel distance (MMD², cubic kernel) of the evaluator features to '
-              'the reference features, times 1000. "edge: w↑" marks a tuned point at the end of its grid '
+              'the reference features, both standardized by the reference statistics, times 1000. "edge: w↑" marks a tuned point at the end of its grid '
               '(here the largest w), where the optimum may lie beyond the grid.', '']
     return lines
 
