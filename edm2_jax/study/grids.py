@@ -76,7 +76,7 @@ FULL = dict(
     shift=(0.1, 0.3, 1.0),
     schedule_sigmas=(0.2, 20.0),
     apg_eta=(0.0, 0.5), apg_momentum=(0.0, -0.5), apg_scale=(1.0, 2.0),
-    rescale_phi=(0.3, 0.7), zero_init=(0, 1),
+    rescale_phi=(0.3, 0.7, 1.0), zero_init=(0, 1),
 )
 QUICK = dict(
     w=(0.5, 2.0), w_fine=(0.5, 2.0), w_auto=(0.5,), w_interval=(2.0,), w_insitu=(0.5, 2.0), p=(0.1, 0.3),
@@ -171,7 +171,7 @@ def all_methods(ctx: Context, quick: bool = False) -> list[Method]:
                tuple({**d, 'lo': lo, 'hi': hi} for d in _grid(w=g['w_interval']) for lo, hi in g['intervals']),
                lambda s, ctx: dict(method='cfg', guidance=_g(s), guide=ctx.uncond, interval=(s['lo'], s['hi'])),
                needs='uncond'),
-        Method('cfg-rescale', _grid(w=g['w_fine'][1:], phi=g['rescale_phi']),
+        Method('cfg-rescale', _grid(w=g['w_fine'], phi=g['rescale_phi']),
                lambda s, ctx: dict(method='cfg', guidance=_g(s), guide=ctx.uncond, rule=rules.Rescale(s['phi'])),
                needs='uncond'),
         Method('cfg-zerostar', _grid(w=g['w_fine'], zero_init=g['zero_init']),
