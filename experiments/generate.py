@@ -125,8 +125,10 @@ def sampler_settings(f) -> dict:
                 S_churn=f.S_churn, S_min=f.S_min, S_max=f.S_max, S_noise=f.S_noise)
 
 
-def resolve_settings(f) -> dict:
-    """The run's settings from the flags (a dict of plain values), or a UserError naming the flag."""
+def resolve_settings(f, check_guidance: bool = True) -> dict:
+    """The run's settings from the flags (a dict of plain values), or a UserError naming the flag. No
+    JAX backend starts here, except in the guidance check (a configuration's schedules are arrays):
+    multi-host runs make it after jax.distributed starts (`check_guidance`)."""
     s = method_settings(f)
     s.update(sampler_settings(f))
     if f.batch < 1:
@@ -140,7 +142,8 @@ def resolve_settings(f) -> dict:
         path = s.get(name, f.vae if name == 'vae' else None)
         if path is not None:
             _check_checkpoint(path, name, f.preset)
-    _check_guidance(s)
+    if check_guidance:
+        _check_guidance(s)
     s.update(vae=f.vae, fusion=f.fusion, class_idx=_class(f['class'].value, s['net']), batch=f.batch,
              dtype=f.dtype, outdir=f.outdir, subdirs=f.subdirs, grid=f.grid, save_npz=f.save_npz,
              preset=f.preset)
@@ -258,11 +261,12 @@ def define_flags() -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-    if FLAGS.multihost:  # first: jax.distributed must start before anything else uses JAX
+    s = resolve_settings(FLAGS, check_guidance=not FLAGS.multihost)  # every flag, before any host waits
+    if FLAGS.multihost:  # jax.distributed must start before anything else uses JAX
         generation.start_multihost(**{k: v for k, v in (('coordinator_address', FLAGS.coordinator_address),
                                                         ('num_processes', FLAGS.num_processes),
                                                         ('process_id', FLAGS.process_id)) if v is not None})
-    s = resolve_settings(FLAGS)
+        _check_guidance(s)
     generation.claim_outdir(s)
     if s['guidance'] is not None and s['guidance'] < 1:
         print(f"generate: warning: guidance g = {s['guidance']} < 1 (weight w = g - 1 < 0) pushes samples "

@@ -58,6 +58,9 @@ def config_only_checkpoint(net, label_dim=0):
     (['--net=NET', '--method=cfg', '--guidance=nan'], '--guidance: must be a finite number'),
     (['--net=NET', '--S_churn=-1'], 'need S_churn >= 0'),
     (['--net=NET', '--class=3'], '--class: must lie in [0, 0)'),
+    # multi-host: the flags are checked before jax.distributed waits for a coordinator (none listens here)
+    (['--net=NET', '--seeds=5-2', '--multihost', '--coordinator_address=localhost:9', '--num_processes=2',
+      '--process_id=1'], 'empty range'),
 ])
 @pytest.mark.slow
 def test_bad_flags_fail_fast(tmp_path, args, message):
