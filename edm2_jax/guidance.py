@@ -213,12 +213,16 @@ def guided(main: Denoiser, evaluate_all: Callable, weights: Sequence[Any],
     effective = tuple(effective or (None,) * k)
     stateful = any(r is not None for r in rules)
 
-    def combined(x, sigma, step, keys, state=None):
+    def weights_at(sigma):
+        """Every term's weight at this σ, computed once per evaluation."""
+        return tuple(value_at(w, sigma, jnp.result_type(sigma)) for w in weights)
+
+    def combined(x, sigma, step, keys, ws, state=None):
         active = tuple(None if iv is None else iv(sigma, step) for iv in intervals)
         d_main, d_guides = evaluate_all(x, sigma, step, keys, active)
         out, new_state = d_main, []
-        for i, (w, d) in enumerate(zip(weights, d_guides, strict=True)):
-            w = value_at(w, sigma, d_main.dtype)
+        for i, (w, d) in enumerate(zip(ws, d_guides, strict=True)):
+            w = w.astype(d_main.dtype)
             if rules[i] is None:
                 term = w * (d_main - d)
             else:
@@ -231,15 +235,16 @@ def guided(main: Denoiser, evaluate_all: Callable, weights: Sequence[Any],
             new_state.append(running if rules[i] is not None else state[i] if stateful else None)
         return (out, tuple(new_state)) if stateful else out
 
-    def contributes(sigma, step):
+    def contributes(ws, sigma, step):
         """Whether any term adds something at this evaluation (traced)."""
-        live = [jnp.any(value_at(w, sigma, jnp.float32) != 0) if e is None else
-                jnp.any(value_at(w, sigma, jnp.float32) != 0) & e(sigma) for w, e in zip(weights, effective)]
+        live = [jnp.any(w != 0) if e is None else jnp.any(w != 0) & e(sigma) for w, e in zip(ws, effective)]
         on = functools.reduce(jnp.logical_or, live)
         return on if interval is None else on & interval(sigma, step)
 
     def denoise(x, sigma, step, keys):
-        return jax.lax.cond(contributes(sigma, step), combined, main, x, sigma, step, keys)
+        ws = weights_at(sigma)
+        return jax.lax.cond(contributes(ws, sigma, step), combined, lambda *a: main(*a[:4]),
+                            x, sigma, step, keys, ws)
 
     if not stateful:
         return denoise
@@ -247,8 +252,9 @@ def guided(main: Denoiser, evaluate_all: Callable, weights: Sequence[Any],
     finishes = [r.finish for r in rules if hasattr(r, 'finish')]
 
     def denoise_with_state(x, sigma, step, keys, state):
-        out, state = jax.lax.cond(contributes(sigma, step), combined, lambda *a: (main(*a[:4]), a[4]),
-                                  x, sigma, step, keys, state)
+        ws = weights_at(sigma)
+        out, state = jax.lax.cond(contributes(ws, sigma, step), combined, lambda *a: (main(*a[:4]), a[5]),
+                                  x, sigma, step, keys, ws, state)
         for finish in finishes:  # e.g. CFG-Zero*'s zero-init, at every evaluation
             out = finish(out, rules_lib.At(x, sigma, step))
         return out, state

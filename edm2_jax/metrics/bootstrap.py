@@ -153,17 +153,10 @@ def _check_rows(features, what: str):
                         f'bootstrap', where='features', fix=f'bootstrap a subset of at most {MAX_ROWS} rows')
 
 
-def kid_reference_term(real, block: int = 1024) -> float:
-    """Σ_{i≠j} k(y_i, y_j) / (m(m − 1)) over the reference rows: O(m²·d), shared by every generated set."""
-    y = np.asarray(real, np.float64)
-    return float((kid_lib.kernel_row_sums(y, y, block).sum() - kid_lib.kernel_diagonal(y).sum())
-                 / (len(y) * (len(y) - 1)))
-
-
 def kid_statistic(real, fake, block: int = 1024, *, kyy: float | None = None) -> Statistic:
     """MMD²_u of the resampled generated rows (pairs of distinct original rows) against all reference
     rows. Set-up cost O((n² + nm)·d), plus O(m²·d) for the reference term unless given (`kyy`, from
-    `kid_reference_term`): keep the reference to about 10,000 rows."""
+    `kid.within_mean`): keep the reference to about 10,000 rows."""
     y, x = kid_lib.check_features(real, fake)
     _check_rows(x, 'KID')
     n, m = len(x), len(y)
@@ -172,7 +165,7 @@ def kid_statistic(real, fake, block: int = 1024, *, kyy: float | None = None) ->
         gram[s:s + block] = kid_lib.kernel(x[s:s + block], x)
     diag = np.diagonal(gram).copy()
     kxy = kid_lib.kernel_row_sums(x, y, block) / (n * m)
-    kyy = kid_reference_term(y, block) if kyy is None else kyy
+    kyy = kid_lib.within_mean(y, block) if kyy is None else kyy
     return lambda c: float((c @ gram @ c - c * c @ diag) / (n * n - c @ c) + kyy - 2 * c @ kxy)
 
 
@@ -232,8 +225,9 @@ class Reference(NamedTuple):
     sqrt_sigma: np.ndarray
     k: int                 # the neighbourhood size of precision and recall
     radii: np.ndarray      # squared k-NN radii of the reference rows (precision)
-    kyy: float             # the reference term of KID (`kid_reference_term`)
-    kid_standardize: bool  # KID on `kid.standardize`d rows (the reference rows' kyy too)
+    kid_rows: np.ndarray   # the reference rows KID compares with: `kid.standardize`d when kid_standardize
+    kyy: float             # the reference term of KID (`kid.within_mean` of kid_rows)
+    kid_standardize: bool  # KID on `kid.standardize`d rows (generated rows standardized alike)
 
 
 def reference(real, *, k: int = 3, ref_mu=None, ref_sigma=None, kid_standardize: bool = False,
@@ -244,19 +238,17 @@ def reference(real, *, k: int = 3, ref_mu=None, ref_sigma=None, kid_standardize:
     if ref_mu is None:
         ref_mu, ref_sigma = real.mean(axis=0), np.cov(real, rowvar=False)
     mu, sigma = np.asarray(ref_mu, np.float64), np.asarray(ref_sigma, np.float64)
-    kid_rows = kid_lib.standardize(real, mu, sigma) if kid_standardize else real
+    kid_rows = kid_lib.standardize(real, mu, sigma) if kid_standardize else np.asarray(real, np.float64)
     return Reference(real, mu, sigma, sqrt_psd(sigma), k, prdc.knn_radii(real, k, block),
-                     kid_reference_term(kid_rows, block), kid_standardize)
+                     kid_rows, kid_lib.within_mean(kid_rows, block), kid_standardize)
 
 
 def statistics(ref: Reference, fake, block: int = 1024) -> dict[str, Statistic]:
     """{'fd', 'kid', 'precision', 'recall'} of the generated rows `fake` against a prepared reference."""
     prdc.check_features(ref.features, fake)
-    kid_real, kid_fake = ref.features, fake
-    if ref.kid_standardize:
-        kid_real, kid_fake = (kid_lib.standardize(x, ref.mu, ref.sigma) for x in (ref.features, fake))
+    kid_fake = kid_lib.standardize(fake, ref.mu, ref.sigma) if ref.kid_standardize else fake
     return {'fd': fd_statistic(fake, ref.mu, ref.sigma, ref_sqrt=ref.sqrt_sigma),
-            'kid': kid_statistic(kid_real, kid_fake, block, kyy=ref.kyy),
+            'kid': kid_statistic(ref.kid_rows, kid_fake, block, kyy=ref.kyy),
             **precision_recall_statistics(ref.features, fake, ref.k, block, radii=ref.radii)}
 
 

@@ -39,14 +39,18 @@ def kernel_row_sums(a, b, block: int = 1024) -> np.ndarray:
     return np.concatenate([kernel(a[s:s + block], b).sum(axis=1) for s in range(0, len(a), block)])
 
 
+def within_mean(a, block: int = 1024) -> float:
+    """Σ_{i≠j} k(a_i, a_j) / (m(m − 1)): the mean kernel over pairs of distinct rows of one set."""
+    a = np.asarray(a, np.float64)
+    m = len(a)
+    return float((kernel_row_sums(a, a, block).sum() - kernel_diagonal(a).sum()) / (m * (m - 1)))
+
+
 def mmd2_unbiased(x, y, block: int = 1024) -> float:
     """The unbiased MMD² estimate between all rows of x and all rows of y (formula above)."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    m, n = len(x), len(y)
-    kxx = (kernel_row_sums(x, x, block).sum() - kernel_diagonal(x).sum()) / (m * (m - 1))
-    kyy = (kernel_row_sums(y, y, block).sum() - kernel_diagonal(y).sum()) / (n * (n - 1))
-    kxy = kernel_row_sums(x, y, block).sum() / (m * n)
-    return float(kxx + kyy - 2 * kxy)
+    kxy = kernel_row_sums(x, y, block).sum() / (len(x) * len(y))
+    return within_mean(x, block) + within_mean(y, block) - 2 * kxy
 
 
 def standardize(features, mu, sigma) -> np.ndarray:
