@@ -13,7 +13,7 @@ Run directory layout:
                              post-hoc EMA exports (`export_posthoc`; also into another directory).
 
 A state or snapshot with a non-finite value (a diverged run) is never written and never resumed from;
-`remove_temporaries` deletes what a killed save left.
+`io.remove_temporaries(run_dir, recursive=True)` deletes what a killed save left.
 """
 from __future__ import annotations
 
@@ -74,14 +74,6 @@ def check_finite(state: EDM2State) -> None:
         raise FloatingPointError(f'the training state at step {int(state.step)} holds non-finite values '
                                  f'in {", ".join(bad[:3])}{" …" if len(bad) > 3 else ""}: the run diverged '
                                  '(lower --lr); nothing was saved, earlier states and snapshots are kept')
-
-
-def remove_temporaries(run_dir) -> int:
-    """Deletes what saves killed mid-write left in a run directory (state and export directories,
-    snapshot and log files); returns how many. Only while no other process writes to the run."""
-    run_dir = Path(run_dir)
-    return (files.remove_temporaries(run_dir)
-            + files.remove_temporaries(run_dir / SNAPSHOT_DIR))
 
 
 def save_state(run_dir, state: EDM2State, extra: dict | None = None, *, keep: int = 2) -> Path:

@@ -29,7 +29,7 @@ from pathlib import Path
 from absl import app, flags
 
 from edm2_jax.errors import UserError, cli_main
-from edm2_jax.io import save_figure, write_json, write_text
+from edm2_jax.io import remove_temporaries, save_figure, write_json, write_text
 from edm2_jax.train_presets import EXPORT_SIGMA_RELS, PRESET_DATA, TRAIN_PRESETS
 
 FLAGS = flags.FLAGS
@@ -223,7 +223,7 @@ def train(s: dict) -> dict:
 
     cfg, run_dir = s['config'], s['run_dir']
     check_run_dir(s)
-    train_state.remove_temporaries(run_dir)  # left by a process killed while saving
+    remove_temporaries(run_dir, recursive=True)  # left by a process killed while saving
     images, labels = load_data(s)
     mesh = _mesh(s['devices'])
     num_devices = 1 if mesh is None else mesh.devices.size

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edm2_jax import checkpoint, train_state, training
+from edm2_jax import checkpoint, io, train_state, training
 from edm2_jax import data as D
 from edm2_jax.config import EDM2Config
 from edm2_jax.errors import UserError
@@ -270,7 +270,7 @@ def test_temporaries_of_killed_saves_are_removed(tmp_path):
     (run / 'snapshots' / '.tmp-phema-000000000008-0.050.npz.x1y2').write_bytes(b'partial')
     (run / '.tmp-run.json.abc').write_text('{')
     (run / 'state-000000004').mkdir()  # real entries stay
-    assert train_state.remove_temporaries(run) == 4
+    assert io.remove_temporaries(run, recursive=True) == 4
     assert sorted(p.relative_to(run).as_posix() for p in run.rglob('*')) == [
         'snapshots', 'state-000000004', 'state-000000008', 'state-000000008/config.json']
 
