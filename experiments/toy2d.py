@@ -28,9 +28,6 @@ from tqdm.auto import tqdm
 
 from edm2_jax import checkpoint, io
 from edm2_jax.errors import cli_main
-from edm2_jax import guidance as G
-from edm2_jax import methods as registry
-from edm2_jax import rules
 from edm2_jax.toy import metrics as metrics_lib
 from edm2_jax.toy import fractal as mixture_lib
 from edm2_jax.toy import plot as plot_lib
@@ -73,123 +70,6 @@ LARGE = Setting(64, 32, 4096, 512, 4096, 1 << 14, 300, 8)
 QUICK = Setting(16, 8, 256, 64, 512, 2048, 120, 0)
 FIGURE_W = {'cfg': 3.0, 'ag': 2.0, 'insitu': 2.0}      # the paper's operating points (w = g − 1)
 SELF_GUIDE_W = 2.0   # the figure's skip-layer and sigma-shift panels: best row at this w (as in-situ)
-INSITU_P_SCHEDULE = G.Schedule.linear([0.05, 1.0], [0.02, 0.1])  # declared before running
-
-
-# ---------------------------------------------------------------------------------------------------
-# Method lists.
-
-def cfg(w, interval=None):
-    name = f'cfg w={w:g}' if interval is None else f'cfg-interval w={w:g} ({interval[0]:g},{interval[1]:g}]'
-    return Method(name, registry.terms('cfg', w, guide='cfg'), interval)
-
-
-def cfg_rule(w, name, rule):
-    """CFG on the cfg model under a rule (edm2_jax.rules), e.g. CFG rescale or CFG-Zero*."""
-    return Method(f'{name} w={w:g}', registry.terms('cfg', w, guide='cfg', rule=rule))
-
-
-def ag(w):
-    return Method(f'autoguidance w={w:g}', registry.terms('autoguidance', w, guide='ag'))
-
-
-def insitu(w, p, prefix='in-situ'):
-    return Method(f'{prefix} p={p:g} w={w:g}', registry.terms('insitu', w, p))
-
-
-def insitu_frozen(w, p):
-    """In-situ with one dropout mask per sample, kept along the whole trajectory."""
-    return Method(f'in-situ-frozen p={p:g} w={w:g}', registry.terms('insitu-frozen', w, p))
-
-
-def insitu_avg(w, p, k, antithetic=False):
-    """The mean of k dropout passes as the guide; the name carries its cost, (1 + k) evaluations."""
-    name = f'in-situ-avg{"-anti" if antithetic else ""} k={k} p={p:g} w={w:g} (cost {1 + k}x)'
-    return Method(name, registry.terms('insitu-avg', w, p, k=k, antithetic=antithetic))
-
-
-def hybrid(w, p, guide):
-    return Method(f'hybrid-{guide} p={p:g} w={w:g}', registry.terms('hybrid', w, p, guide=guide))
-
-
-def two_term(wc, wd, p, guide):
-    """The guide model (weight wc) plus in-situ (weight wd, rate p)."""
-    name = 'cfg' if guide == 'cfg' else 'autoguidance'
-    return Method(f'{guide}+in-situ wc={wc:g} wd={wd:g} p={p:g}',
-                  registry.terms(name, wc, guide=guide) + registry.terms('insitu', wd, p))
-
-
-def insitu_schedule(w):
-    return Method(f'in-situ-sched w={w:g} p=0.02..0.1', registry.terms('insitu', w, INSITU_P_SCHEDULE))
-
-
-def skip_layer(w, layer):
-    """Skip-layer guidance: the main model with hidden layer `layer` passing its input on (toy.model)."""
-    return Method(f'skip-layer l={layer} w={w:g}', registry.terms('slg', w, blocks=(layer,)))
-
-
-def sigma_shift(w, delta):
-    """Self-guidance at a noisier level: the main model evaluated at σ·(1 + δ) as the guide."""
-    return Method(f'sigma-shift δ={delta:g} w={w:g}', registry.terms('sigma-shift', w, delta))
-
-
-def history(w, guide):
-    """Self-guidance from the training history: the guide is one of `HISTORY`, made from the main run."""
-    return Method(f'{guide} w={w:g}', registry.terms('history', w, guide=guide))
-
-
-# The main run's history guides: name → (time as a fraction of the run, σ_rel; None: the main model's).
-# The early snapshots are the main model's EMA as it was then; σ_rel 0.002 is the short tracked profile
-# itself, 0.005 a post-hoc reconstruction from both profiles.
-HISTORY = {'history-early t=1/8': (1 / 8, None), 'history-early t=1/4': (1 / 4, None),
-           'history-ema σ_rel=0.005': (1.0, 0.005), 'history-ema σ_rel=0.002': (1.0, 0.002)}
-
-SKIP_LAYERS = (1, 2, 3)          # the hidden layers of the default 4-layer MLP
-SHIFT_DELTAS = (0.1, 0.25, 0.5)
-
-
-def default_methods():
-    """Each method's figure operating point plus a small grid (one training seed): the self-guidance
-    rows (in-situ, skip-layer, sigma-shift) each on a 3 strengths × w ∈ {1, 2} grid."""
-    return ([Method('none'), cfg(1.0), cfg(3.0), cfg(3.0, (0.28, 2.9)), ag(1.0), ag(2.0)]
-            + [insitu(w, p) for p in (0.02, 0.05, 0.1) for w in (1.0, 2.0)]
-            + [skip_layer(w, i) for i in SKIP_LAYERS for w in (1.0, 2.0)]
-            + [sigma_shift(w, d) for d in SHIFT_DELTAS for w in (1.0, 2.0)]
-            + [insitu_frozen(w, p) for p in (0.05, 0.1) for w in (1.0, 2.0)]
-            + [insitu_avg(2.0, p, k) for p in (0.05, 0.1) for k in (2, 4)] + [insitu_avg(2.0, 0.05, 2, True)]
-            + [history(w, g) for g in HISTORY for w in (1.0, 2.0)]
-            + [hybrid(2.0, 0.05, 'ag'), two_term(1.0, 1.0, 0.05, 'ag'), insitu_schedule(2.0)]
-            + [cfg_rule(3.0, 'cfg-rescale φ=0.7', rules.Rescale(0.7)),
-               cfg_rule(3.0, 'cfg-zero* zero-init 1', rules.ZeroStar(zero_init_steps=1))])
-
-
-def quick_methods():
-    return [Method('none'), cfg(3.0), ag(2.0), insitu(2.0, 0.05), insitu(2.0, 0.1), skip_layer(2.0, 2),
-            sigma_shift(2.0, 0.25), insitu_frozen(2.0, 0.05), insitu_avg(2.0, 0.05, 2)]
-
-
-def full_methods():
-    """Spec §9 grids."""
-    ws = (0.25, 0.5, 1.0, 2.0, 3.0)
-    out = [Method('none')] + [cfg(w) for w in ws] + [ag(w) for w in ws]
-    out += [cfg(w, iv) for w in (1.0, 2.0, 3.0) for iv in ((0.0, 1.0), (0.05, 1.0), (0.28, 2.9))]
-    out += [insitu(w, p) for p in (0.01, 0.02, 0.05, 0.1) for w in (0.25, 0.5, 1.0, 2.0)]
-    for guide in ('cfg', 'ag'):
-        for p in (0.02, 0.05):
-            out += [two_term(wc, wd, p, guide) for wc in (0.25, 0.5, 1.0) for wd in (0.25, 0.5, 1.0)]
-            out += [hybrid(w, p, guide) for w in (1.0, 2.0)]
-    out += [insitu_schedule(w) for w in (1.0, 2.0)]
-    out += [insitu_frozen(w, p) for p in (0.02, 0.05, 0.1) for w in (0.5, 1.0, 2.0)]
-    out += [insitu_avg(w, p, k, anti) for k in (2, 4) for anti in (False, True) for p in (0.05, 0.1)
-            for w in (1.0, 2.0)]
-    out += [skip_layer(w, i) for i in SKIP_LAYERS for w in (0.25, 0.5, 1.0, 2.0)]
-    out += [sigma_shift(w, d) for d in (0.05,) + SHIFT_DELTAS + (1.0,) for w in (0.25, 0.5, 1.0, 2.0)]
-    out += [history(w, g) for g in HISTORY for w in (0.5, 1.0, 2.0)]
-    return out
-
-
-SWEEP_P = (0.01, 0.02, 0.05, 0.1, 0.2)
-SWEEP_W = (0.25, 0.5, 1.0, 2.0, 3.0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -298,11 +178,11 @@ def get_model(outdir: Path, name: str, spec: train_lib.TrainSpec, seed: int, ret
 
 
 def history_guides(snapshots, spec: train_lib.TrainSpec) -> dict[str, Model]:
-    """The `HISTORY` guides of a run from its snapshots (`toy.methods.history_model`)."""
+    """The `toy.methods.HISTORY` guides of a run from its snapshots (`toy.methods.history_model`)."""
     total = spec.steps * spec.batch
     return {name: methods_lib.history_model(snapshots, spec.config, sigma_rel or spec.ema_sigma_rel,
                                             round(total * fraction))
-            for name, (fraction, sigma_rel) in HISTORY.items()}
+            for name, (fraction, sigma_rel) in methods_lib.HISTORY.items()}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -363,13 +243,13 @@ def main(argv):
         sample_seeds = [int(s) for s in (FLAGS.sample_seeds or (['1', '2', '3'] if FLAGS.full else ['1']))]
     except ValueError as e:
         raise app.UsageError(f'--train_seeds / --sample_seeds must be comma-separated integers ({e})')
-    methods = quick_methods() if FLAGS.quick else full_methods() if FLAGS.full else default_methods()
+    methods = (methods_lib.quick_methods() if FLAGS.quick else methods_lib.full_methods() if FLAGS.full
+               else methods_lib.default_methods())
     if FLAGS.sweep:
         have = {m.name for m in methods}
-        methods += [m for m in (insitu(w, p) for p in SWEEP_P for w in SWEEP_W) if m.name not in have]
+        methods += [m for m in methods_lib.sweep_methods() if m.name not in have]
     if FLAGS.dropout_train_rate > 0:
-        methods += [Method('trained-dropout none', ())] + [
-            insitu(w, FLAGS.dropout_train_rate, 'trained-dropout in-situ') for w in (1.0, 2.0)]
+        methods += methods_lib.trained_dropout_methods(FLAGS.dropout_train_rate)
     outdir = Path(FLAGS.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
@@ -392,14 +272,14 @@ def main(argv):
             mkey = jax.random.fold_in(key, 3)
             res = {'exact': metrics_lib.evaluate(exact, reference, tau=tau, key=mkey)}
             runs.append(res)
-            plain = [m for m in methods if not m.name.startswith('trained-dropout')]
+            plain = [m for m in methods if not m.name.startswith(methods_lib.TRAINED_DROPOUT)]
             keep = {} if fig_data is None else None
             res |= evaluate_methods([Method('exact_ode')] + plain, models, noise, keys, reference, tau, mkey,
                                     f'sample+metrics (train seed {ts}, sample seed {ss})', keep)
             if 'drop' in models:
                 dm = dict(models, main=models['drop'])
-                res |= evaluate_methods([m for m in methods if m.name.startswith('trained-dropout')], dm, noise,
-                                        keys, reference, tau, mkey, 'trained-dropout model')
+                res |= evaluate_methods([m for m in methods if m.name.startswith(methods_lib.TRAINED_DROPOUT)], dm,
+                                        noise, keys, reference, tau, mkey, 'trained-dropout model')
             if fig_data is None:
                 fig_data = (models, keep)
     mean, std = report.aggregate(runs)
@@ -408,8 +288,8 @@ def main(argv):
         models, samples = fig_data
         best = report.pick_insitu(mean, FIGURE_W['insitu'])
         panel_methods = [('Ground truth (exact-score ODE)', Method('exact_ode')), ('No guidance', Method('none')),
-                         (f'CFG w={FIGURE_W["cfg"]:g}', cfg(FIGURE_W['cfg'])),
-                         (f'Autoguidance w={FIGURE_W["ag"]:g}', ag(FIGURE_W['ag'])),
+                         (f'CFG w={FIGURE_W["cfg"]:g}', methods_lib.cfg(FIGURE_W['cfg'])),
+                         (f'Autoguidance w={FIGURE_W["ag"]:g}', methods_lib.ag(FIGURE_W['ag'])),
                          (best.replace('in-situ', 'In-situ'), next(m for m in methods if m.name == best))]
         for prefix, title in (('skip-layer l=', 'Skip-layer'), ('sigma-shift δ=', 'Sigma-shift')):
             if any(m.name.startswith(prefix) and m.name.endswith(f' w={SELF_GUIDE_W:g}') for m in methods):
@@ -428,9 +308,10 @@ def main(argv):
             panels.append((title, x, traj))
         plot_lib.overview_figure(outdir / 'figure.png', panels, grid=setting.figure_grid)
     if FLAGS.sweep:
-        values = {k: np.array([[mean[f'in-situ p={p:g} w={w:g}'][k] for w in SWEEP_W] for p in SWEEP_P])
+        ps, ws = methods_lib.SWEEP_P, methods_lib.SWEEP_W
+        values = {k: np.array([[mean[methods_lib.insitu(w, p).name][k] for w in ws] for p in ps])
                   for k in ('outlier', 'escape', 'branch_tv', 'leaf_recall', 'mmd_02')}
-        plot_lib.sweep_figure(outdir / 'sweep.png', SWEEP_P, SWEEP_W, values, mean['none'])
+        plot_lib.sweep_figure(outdir / 'sweep.png', ps, ws, values, mean['none'])
     info = {'setting': setting._asdict(), 'num_samples': n, 'train_seeds': train_seeds,
             'sample_seeds': sample_seeds, 'tau': tau, 'train_time_s': train_time,
             'wall_time_s': time.time() - t_start, 'train_total_s': sum(train_time.values()),

@@ -83,7 +83,7 @@ def test_cached_run_gives_the_history_guides(tmp_path):
         for a, b in zip(leaves(s.params), leaves(r.params)):
             np.testing.assert_array_equal(a, b)
     guides = toy2d.history_guides(loaded, spec)
-    assert set(guides) == set(toy2d.HISTORY)
+    assert set(guides) == set(toy_methods.HISTORY)
     expect = {'history-early t=1/8': loaded[1], 'history-early t=1/4': loaded[3],
               'history-ema σ_rel=0.002': loaded[-2]}
     for name, snap in expect.items():

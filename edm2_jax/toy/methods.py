@@ -7,6 +7,10 @@ itself (self-guidance) or another model's id such as 'ag', 'cfg' or a history gu
 (`history_model`), and its `edm2_jax.perturb` perturbations (the MLP's kinds: dropout of hidden
 activations with a fresh key per sample and evaluation, skip of hidden layers, sigma_shift; see
 `toy.model`) have numbers or σ-Schedules as strengths. Numbers are traced, so a (w, p) or (w, δ) grid compiles once per shape.
+
+The study's rows are made here too: one maker per family (`cfg`, `ag`, `insitu`, …), whose name carries
+its settings, and the lists each mode of experiments/toy2d runs (`default_methods`, `quick_methods`,
+`full_methods`, `sweep_methods`, `trained_dropout_methods`).
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from edm2_jax import guidance as G
+from edm2_jax import methods as registry
 from edm2_jax import rules as R
 from edm2_jax.denoiser import check_draws
 from edm2_jax import sampling
@@ -152,3 +157,138 @@ def sample(method: Method, models: dict[str, Model], noise, keys, t_steps=None, 
     configs, params, weights, perturbations, interval, rules, draws = _inputs(method, models)
     return _run(params, noise, keys, weights, perturbations, interval, rules, t_steps, configs=configs,
                 draws=draws, path=trajectory)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The study's rows (experiments/toy2d).
+
+INSITU_P_SCHEDULE = G.Schedule.linear([0.05, 1.0], [0.02, 0.1])  # declared before running
+TRAINED_DROPOUT = 'trained-dropout'   # prefix of the rows sampled with the main model trained with dropout
+
+# The main run's history guides: name → (time as a fraction of the run, σ_rel; None: the main model's).
+# The early snapshots are the main model's EMA as it was then; σ_rel 0.002 is the short tracked profile
+# itself, 0.005 a post-hoc reconstruction from both profiles.
+HISTORY = {'history-early t=1/8': (1 / 8, None), 'history-early t=1/4': (1 / 4, None),
+           'history-ema σ_rel=0.005': (1.0, 0.005), 'history-ema σ_rel=0.002': (1.0, 0.002)}
+
+SKIP_LAYERS = (1, 2, 3)          # the hidden layers of the default 4-layer MLP
+SHIFT_DELTAS = (0.1, 0.25, 0.5)
+SWEEP_P = (0.01, 0.02, 0.05, 0.1, 0.2)   # the in-situ (p, w) grid of sweep.png
+SWEEP_W = (0.25, 0.5, 1.0, 2.0, 3.0)
+
+
+def cfg(w, interval=None):
+    """CFG with the unconditional 'cfg' model (trained on classes A and B) as the guide, optionally
+    only for σ in `interval`."""
+    name = f'cfg w={w:g}' if interval is None else f'cfg-interval w={w:g} ({interval[0]:g},{interval[1]:g}]'
+    return Method(name, registry.terms('cfg', w, guide='cfg'), interval)
+
+
+def cfg_rule(w, name, rule):
+    """CFG on the cfg model under a rule (edm2_jax.rules), e.g. CFG rescale or CFG-Zero*."""
+    return Method(f'{name} w={w:g}', registry.terms('cfg', w, guide='cfg', rule=rule))
+
+
+def ag(w):
+    """Autoguidance with the smaller, shorter-trained 'ag' model of class A as the guide."""
+    return Method(f'autoguidance w={w:g}', registry.terms('autoguidance', w, guide='ag'))
+
+
+def insitu(w, p, prefix='in-situ'):
+    """In-situ guidance: the main model with dropout at rate p as its own guide."""
+    return Method(f'{prefix} p={p:g} w={w:g}', registry.terms('insitu', w, p))
+
+
+def insitu_frozen(w, p):
+    """In-situ with one dropout mask per sample, kept along the whole trajectory."""
+    return Method(f'in-situ-frozen p={p:g} w={w:g}', registry.terms('insitu-frozen', w, p))
+
+
+def insitu_avg(w, p, k, antithetic=False):
+    """The mean of k dropout passes as the guide; the name carries its cost, (1 + k) evaluations."""
+    name = f'in-situ-avg{"-anti" if antithetic else ""} k={k} p={p:g} w={w:g} (cost {1 + k}x)'
+    return Method(name, registry.terms('insitu-avg', w, p, k=k, antithetic=antithetic))
+
+
+def hybrid(w, p, guide):
+    """The guide model with dropout at rate p as the guide."""
+    return Method(f'hybrid-{guide} p={p:g} w={w:g}', registry.terms('hybrid', w, p, guide=guide))
+
+
+def two_term(wc, wd, p, guide):
+    """The guide model (weight wc) plus in-situ (weight wd, rate p)."""
+    name = 'cfg' if guide == 'cfg' else 'autoguidance'
+    return Method(f'{guide}+in-situ wc={wc:g} wd={wd:g} p={p:g}',
+                  registry.terms(name, wc, guide=guide) + registry.terms('insitu', wd, p))
+
+
+def insitu_schedule(w):
+    """In-situ with the dropout rate following `INSITU_P_SCHEDULE` over σ."""
+    return Method(f'in-situ-sched w={w:g} p=0.02..0.1', registry.terms('insitu', w, INSITU_P_SCHEDULE))
+
+
+def skip_layer(w, layer):
+    """Skip-layer guidance: the main model with hidden layer `layer` passing its input on (toy.model)."""
+    return Method(f'skip-layer l={layer} w={w:g}', registry.terms('slg', w, blocks=(layer,)))
+
+
+def sigma_shift(w, delta):
+    """Self-guidance at a noisier level: the main model evaluated at σ·(1 + δ) as the guide."""
+    return Method(f'sigma-shift δ={delta:g} w={w:g}', registry.terms('sigma-shift', w, delta))
+
+
+def history(w, guide):
+    """Self-guidance from the training history: the guide is one of `HISTORY`, made from the main run."""
+    return Method(f'{guide} w={w:g}', registry.terms('history', w, guide=guide))
+
+
+def default_methods():
+    """Each method's figure operating point plus a small grid (one training seed): the self-guidance
+    rows (in-situ, skip-layer, sigma-shift) each on a 3 strengths × w ∈ {1, 2} grid."""
+    return ([Method('none'), cfg(1.0), cfg(3.0), cfg(3.0, (0.28, 2.9)), ag(1.0), ag(2.0)]
+            + [insitu(w, p) for p in (0.02, 0.05, 0.1) for w in (1.0, 2.0)]
+            + [skip_layer(w, i) for i in SKIP_LAYERS for w in (1.0, 2.0)]
+            + [sigma_shift(w, d) for d in SHIFT_DELTAS for w in (1.0, 2.0)]
+            + [insitu_frozen(w, p) for p in (0.05, 0.1) for w in (1.0, 2.0)]
+            + [insitu_avg(2.0, p, k) for p in (0.05, 0.1) for k in (2, 4)] + [insitu_avg(2.0, 0.05, 2, True)]
+            + [history(w, g) for g in HISTORY for w in (1.0, 2.0)]
+            + [hybrid(2.0, 0.05, 'ag'), two_term(1.0, 1.0, 0.05, 'ag'), insitu_schedule(2.0)]
+            + [cfg_rule(3.0, 'cfg-rescale φ=0.7', R.Rescale(0.7)),
+               cfg_rule(3.0, 'cfg-zero* zero-init 1', R.ZeroStar(zero_init_steps=1))])
+
+
+def quick_methods():
+    """One row per family for the tiny --quick models (tests / CI)."""
+    return [Method('none'), cfg(3.0), ag(2.0), insitu(2.0, 0.05), insitu(2.0, 0.1), skip_layer(2.0, 2),
+            sigma_shift(2.0, 0.25), insitu_frozen(2.0, 0.05), insitu_avg(2.0, 0.05, 2)]
+
+
+def full_methods():
+    """Spec §9 grids."""
+    ws = (0.25, 0.5, 1.0, 2.0, 3.0)
+    out = [Method('none')] + [cfg(w) for w in ws] + [ag(w) for w in ws]
+    out += [cfg(w, iv) for w in (1.0, 2.0, 3.0) for iv in ((0.0, 1.0), (0.05, 1.0), (0.28, 2.9))]
+    out += [insitu(w, p) for p in (0.01, 0.02, 0.05, 0.1) for w in (0.25, 0.5, 1.0, 2.0)]
+    for guide in ('cfg', 'ag'):
+        for p in (0.02, 0.05):
+            out += [two_term(wc, wd, p, guide) for wc in (0.25, 0.5, 1.0) for wd in (0.25, 0.5, 1.0)]
+            out += [hybrid(w, p, guide) for w in (1.0, 2.0)]
+    out += [insitu_schedule(w) for w in (1.0, 2.0)]
+    out += [insitu_frozen(w, p) for p in (0.02, 0.05, 0.1) for w in (0.5, 1.0, 2.0)]
+    out += [insitu_avg(w, p, k, anti) for k in (2, 4) for anti in (False, True) for p in (0.05, 0.1)
+            for w in (1.0, 2.0)]
+    out += [skip_layer(w, i) for i in SKIP_LAYERS for w in (0.25, 0.5, 1.0, 2.0)]
+    out += [sigma_shift(w, d) for d in (0.05,) + SHIFT_DELTAS + (1.0,) for w in (0.25, 0.5, 1.0, 2.0)]
+    out += [history(w, g) for g in HISTORY for w in (0.5, 1.0, 2.0)]
+    return out
+
+
+def sweep_methods():
+    """The in-situ rows of the (p, w) grid `SWEEP_P` × `SWEEP_W` (sweep.png)."""
+    return [insitu(w, p) for p in SWEEP_P for w in SWEEP_W]
+
+
+def trained_dropout_methods(rate):
+    """No guidance and in-situ at the training rate, sampled with the main model trained with dropout."""
+    return [Method(f'{TRAINED_DROPOUT} none', ())] + [
+        insitu(w, rate, f'{TRAINED_DROPOUT} in-situ') for w in (1.0, 2.0)]
