@@ -222,17 +222,22 @@ def _inside(interval, step, sigma) -> bool:
     return bool(np.float32(lo) < sigma <= np.float32(hi))
 
 
+def evaluation_counts(terms: Sequence[G.Term], num_steps: int, interval=None, sigma_min=0.002,
+                      sigma_max=80.0, rho=7.0) -> tuple[int, list[int]]:
+    """(the sampler's 2N − 1 evaluations, per term the evaluations inside both the sampler's interval
+    and the term's own, where its guide runs)."""
+    points = evaluation_points(num_steps, sigma_min, sigma_max, rho)
+    return len(points), [sum(_inside(interval, i, s) and _inside(t.interval, i, s) for i, s in points)
+                         for t in terms]
+
+
 def nfe_per_image(terms: Sequence[G.Term], config, num_steps: int, interval=None, sigma_min=0.002,
                   sigma_max=80.0, rho=7.0) -> float:
     """Network evaluations per image: the 2N − 1 main evaluations plus, for every term, its guide's
-    cost at each evaluation inside both the sampler's interval and the term's own. A prefix-shared
-    guide counts as a full evaluation (its saving shows in FLOPs and time, not here)."""
-    points = evaluation_points(num_steps, sigma_min, sigma_max, rho)
-    total = float(len(points))
-    for t in terms:
-        guided = sum(_inside(interval, i, s) and _inside(t.interval, i, s) for i, s in points)
-        total += guide_cost(t, config) * guided
-    return total
+    cost at each evaluation where it is guided (`evaluation_counts`). A prefix-shared guide counts as
+    a full evaluation (its saving shows in FLOPs and time, not here)."""
+    total, guided = evaluation_counts(terms, num_steps, interval, sigma_min, sigma_max, rho)
+    return float(total) + sum(guide_cost(t, config) * n for t, n in zip(terms, guided))
 
 
 def needs_guide(name: str) -> bool:

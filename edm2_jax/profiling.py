@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from edm2_jax import backend
-from edm2_jax.denoiser import edm2_denoiser
+from edm2_jax.denoiser import edm2_denoiser, prepare_terms
 from edm2_jax.network import Network
 
 SAMPLER_FUN = '_sample'  # name of the sampler's jitted function in edm2_jax.sampling (compile events)
@@ -117,8 +117,30 @@ def forward_flops(net, x, sigma, labels) -> float | None:
 def guided_flops(net, x, sigma, labels, keys, terms, fusion) -> float | None:
     """FLOPs of one guided evaluation (the main pass and every guide pass, as the sampler runs them)."""
     def evaluate(net, terms, x, sigma, labels, keys):
-        return edm2_denoiser(net, labels, terms, fusion=fusion)(x, sigma, jnp.int32(0), keys)
+        return edm2_denoiser(net, labels, terms, fusion=fusion, sample_keys=keys)(x, sigma, jnp.int32(0), keys)
     return flops(jax.jit(evaluate).lower(net, terms, x, sigma, labels, keys).compile())
+
+
+def flops_per_image(net, terms, num_steps: int, interval=None, fusion: str = 'prefix') -> float | None:
+    """XLA's FLOPs to sample one image with `sample(net, ..., terms=terms, interval=interval)`: one
+    forward at each of the 2N − 1 evaluations, plus for each term the extra cost of its guided
+    evaluation (that term alone, as the sampler runs it) at each evaluation where it is guided
+    (`methods.evaluation_counts`, which applies the intervals). Rules are left out (elementwise, a few
+    FLOPs per pixel). None when XLA gives no count."""
+    from edm2_jax import methods
+    from edm2_jax.sampling import network_inputs
+    inputs = network_inputs(net, [0])
+    sigma = jnp.ones((), jnp.float32)
+    forward = forward_flops(net, inputs.noise, sigma, inputs.class_labels)
+    evaluations, guided = methods.evaluation_counts(terms, num_steps, interval)
+    extra = 0.0
+    for t, n in zip(terms, guided):
+        alone = prepare_terms(net, (t.replace(rule=None, interval=None),), jnp.float32)
+        g = guided_flops(net, inputs.noise, sigma, inputs.class_labels, inputs.keys, alone, fusion)
+        if g is None or forward is None:
+            return None
+        extra += n * (g - forward)
+    return None if forward is None else evaluations * forward + extra
 
 
 # Dense peak TFLOP/s by device kind (vendor datasheets; float32 matmuls run as TF32 on these GPUs

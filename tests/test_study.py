@@ -195,6 +195,11 @@ def test_nfe_closed_form(study_run):
     base = 2 * STEPS - 1
     assert tuned_entry(m['none'])['nfe_per_image'] == base
     assert all(e['nfe_per_image'] == 2 * base for e in m['insitu'].values())
+    # FLOPs: in-situ (also on a σ-schedule, which still runs the guide pass everywhere) runs the main
+    # network twice per evaluation.
+    assert tuned_entry(m['none'])['flops_vs_none'] == 1.0
+    for name in ('insitu', 'insitu-schedule'):
+        assert tuned_entry(m[name])['flops_vs_none'] == pytest.approx(2.0, rel=0.03)
 
 
 @pytest.mark.slow

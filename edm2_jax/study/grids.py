@@ -66,7 +66,7 @@ FULL = dict(
     w_insitu=(0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.0, 10.0),
     p=(0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5),
     w_level=(0.5, 1.0, 2.0, 5.0), p_level=(0.1, 0.2, 0.4),   # blocks and levels: tuned at (2, 0.2) before
-    w_variant=(0.25, 0.5, 1.0, 2.0, 5.0), p_variant=(0.05, 0.1, 0.2, 0.3, 0.5),   # frozen masks
+    w_variant=(0.1, 0.25, 0.5, 1.0, 2.0, 5.0), p_variant=(0.05, 0.1, 0.2, 0.3, 0.5),   # frozen masks: tuned at w 0.25 before
     w_avg=(0.5, 1.0, 2.0, 5.0), p_avg=(0.05, 0.1, 0.25, 0.5),   # averaged draws: (1 + k)× the cost
     w_hybrid=(0.1, 0.25, 0.5, 1.0, 2.0),           # guided by the small guide: overshoots like autoguidance
     p_hybrid=(0.05, 0.1, 0.2),
@@ -254,7 +254,16 @@ def apg_method(best: Method, best_setting: dict, quick: bool = False) -> Method:
 SAMPLER_ARGS = ('method', 'guidance', 'strength', 'guide', 'blocks', 'window', 'rule', 'terms')
 
 
+def _terms(kwargs: dict):
+    return sampling.guidance_terms(**{k: v for k, v in kwargs.items() if k in SAMPLER_ARGS})
+
+
 def nfe_per_image(kwargs: dict, config, num_steps: int) -> float:
     """Network evaluations per image of sample(**kwargs) (`methods.nfe_per_image`)."""
-    terms = sampling.guidance_terms(**{k: v for k, v in kwargs.items() if k in SAMPLER_ARGS})
-    return registry.nfe_per_image(terms, config, num_steps, kwargs.get('interval'))
+    return registry.nfe_per_image(_terms(kwargs), config, num_steps, kwargs.get('interval'))
+
+
+def flops_per_image(kwargs: dict, net, num_steps: int) -> float | None:
+    """XLA's FLOPs to sample one image with sample(**kwargs) (`profiling.flops_per_image`)."""
+    from edm2_jax import profiling
+    return profiling.flops_per_image(net, _terms(kwargs), num_steps, kwargs.get('interval'))

@@ -132,12 +132,19 @@ def _paired(e: dict, metric: str) -> str:
     return f"{d['mean']:+.2f} ({', '.join(f'{v:+.2f}' for v in d['values'])})"
 
 
+def _flops(e: dict) -> str:
+    ratio = e.get('flops_vs_none')
+    return '–' if ratio is None else f'{ratio:.2f}'
+
+
 def _legend(results: dict, p: Protocol) -> list[str]:
     boot = results['meta'].get('bootstrap')
     lines = [f'Heun {p.num_steps} steps; tuned on {p.tune_n} images (seeds 0–{p.tune_n - 1}), reported on '
              f'{p.report_sets} × {p.report_n} other images; requested label = seed mod 10. w is the guidance '
              'weight (g = 1 + w). NFE: network evaluations per image (2·steps − 1 unguided; a guide pass '
-             'doubles it, the mean of k dropout passes (insitu-avgk) makes it (1 + k)×).', '']
+             'doubles it, the mean of k dropout passes (insitu-avgk) makes it (1 + k)×). FLOPs ×: XLA\'s '
+             'FLOP count of sampling one image over the unguided one (a smaller guide network, a shared '
+             'encoder or an interval cost less than their NFE says).', '']
     if boot:
         lines += [f'FD, KID, precision, recall: the mean over the report sets [normal bootstrap 95 % '
                   f'interval, ± 1.96 standard errors: {boot["resamples"]} resamples (seed {boot["seed"]}), '
@@ -158,21 +165,22 @@ def _legend(results: dict, p: Protocol) -> list[str]:
 def results_markdown(results: dict, protocol: Protocol) -> str:
     lines = _legend(results, protocol)
     head = ('| method | tuned setting | FD-FMNIST ↓ | ΔFD vs none | KID ×10³ ↓ | precision ↑ | recall ↑ '
-            '| class acc. ↑ | NFE | tune FD |')
+            '| class acc. ↑ | NFE | FLOPs × | tune FD |')
     for model, methods in results['models'].items():
-        lines += [f'### {model}', '', head, '|' + '---|' * 10]
+        lines += [f'### {model}', '', head, '|' + '---|' * 11]
         if model in results['data']:
             d = {'report': results['data'][model]}
             lines.append(f'| {DATA_ROW} | – | {_cell(d, "fd_fmnist", 2)} | – | {_cell(d, "kid", 2, 1e3)} | '
                          f'{_cell(d, "precision", 3)} | {_cell(d, "recall", 3)} | {_cell(d, "class_accuracy", 3)} '
-                         '| – | – |')
+                         '| – | – | – |')
         for name, entry in methods.items():
             sid, e = tuned_entry(entry)
             edges = grid_edges(entry)
             sid += f' (edge: {", ".join(edges)})' if edges else ''
             lines.append(f'| {name} | {sid} | {_cell(e, "fd_fmnist", 2)} | {_paired(e, "fd_fmnist")} | '
                          f'{_cell(e, "kid", 2, 1e3)} | {_cell(e, "precision", 3)} | {_cell(e, "recall", 3)} | '
-                         f'{_cell(e, "class_accuracy", 3)} | {e["nfe_per_image"]:g} | {e["tune"]["fd_fmnist"]:.2f} |')
+                         f'{_cell(e, "class_accuracy", 3)} | {e["nfe_per_image"]:g} | {_flops(e)} | '
+                         f'{e["tune"]["fd_fmnist"]:.2f} |')
         skipped = results['meta']['skipped'].get(model) or {}
         if skipped:
             lines += ['', 'Skipped: ' + '; '.join(f'{k} ({v})' for k, v in skipped.items()) + '.']

@@ -151,6 +151,7 @@ def run_model(runner: Runner, model: str, net, ctx: grids.Context, only=None) ->
         best = min(guided, key=lambda n: min(_fd(r) for r in entries[n]))
         tune(grids.apg_method(*tuned[best], quick=runner.p.quick))
     out = {}
+    unguided = grids.flops_per_image({'method': 'none'}, net, runner.p.num_steps)
     for name, (m, best_setting) in tuned.items():
         report = [runner.result(model, net, ctx, m, best_setting, k) for k in runner.p.report_names]
         sid = grids.setting_id(best_setting)
@@ -161,6 +162,9 @@ def run_model(runner: Runner, model: str, net, ctx: grids.Context, only=None) ->
             if e['tuned']:
                 e['report'] = report_summary(report)
                 e['nonfinite_samples'] = sum(x['nonfinite_samples'] for x in report)
+                flops = grids.flops_per_image(m.build(best_setting, ctx), net, runner.p.num_steps)
+                e['flops_per_image'] = flops
+                e['flops_vs_none'] = None if flops is None or not unguided else flops / unguided
             out[name][r['setting_id']] = e
     add_paired_differences(out)
     return out
