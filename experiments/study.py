@@ -49,7 +49,7 @@ from edm2_jax.errors import UserError, cli_main
 from edm2_jax.study.grids import Context
 from edm2_jax.study.protocol import Protocol, Scored, check_protocol
 from edm2_jax.study.report import RESAMPLES, SEED_SUFFIX
-from edm2_jax.study.runner import check_methods, plan, run_study
+from edm2_jax.study.runner import check_methods, check_tuned_on, plan, run_study
 
 FLAGS = flags.FLAGS
 
@@ -85,6 +85,8 @@ def define_flags() -> None:
                       'method (upper bounds), then exit.')
     flags.DEFINE_integer('pr_refs', 0, 'KID and precision/recall against the features of the first N test '
                          'images (0 = all 10,000); FD always uses the full test statistics.')
+    flags.DEFINE_string('tuned_on', None, 'A main model whose tuned settings every other main model uses '
+                        '(e.g. a second training seed run at the first seed\'s settings); default: each tunes its own.')
     flags.DEFINE_integer('resamples', RESAMPLES, 'Bootstrap resamples of the report sets (0: no intervals).')
 
 
@@ -310,6 +312,7 @@ def main(argv):
         histories = {name: checkpoint.load(d) for name, d in history_dirs.items() if d is not None}
     ctx_of = lambda name, net: Context(net.config, guide, uncond, histories.get(name))  # noqa: E731
     check_methods(models, ctx_of, FLAGS.methods, protocol.quick)
+    check_tuned_on(models, FLAGS.tuned_on)
     if FLAGS.dry_run:
         rows = plan(models, ctx_of, protocol, FLAGS.methods)
         for r in rows:
@@ -323,6 +326,7 @@ def main(argv):
     reference = train_split_sets(protocol) if FLAGS.reference else None
     results = run_study(models, ctx_of, score, FLAGS.out, protocol, only=FLAGS.methods, reference=reference,
                         feature_refs=score.reference, resamples=FLAGS.resamples, evaluator=score.info,
+                        tuned_on=FLAGS.tuned_on,
                         log=lambda s: print(s, flush=True))
     print(f"study: {results['meta']['results_computed_this_run']} results computed in "
           f'{time.time() - start:.0f} s; see {Path(FLAGS.out) / "results.md"}')

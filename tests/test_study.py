@@ -203,6 +203,32 @@ def test_nfe_closed_form(study_run):
 
 
 @pytest.mark.slow
+def test_a_second_model_runs_at_the_settings_tuned_on_the_first(study_run, nets, scorer, tmp_path):
+    """--tuned_on: the other model samples only the first model's tuned point of each method (the
+    first model's results are reused from the shared study, not recomputed)."""
+    import shutil
+    from edm2_jax import checkpoint
+    from edm2_jax.errors import UserError
+    from edm2_jax.study import grids as SM
+    from edm2_jax.study.runner import run_study
+    out, res = study_run
+    shutil.copytree(out / 'runs', tmp_path / 'runs')
+    models = {'main-seed1': checkpoint.load(nets / 'guide'), 'main': checkpoint.load(nets / 'main')}
+    args = (lambda name, net: SM.Context(net.config), scorer, tmp_path, protocol())
+    got = run_study(models, *args, only=METHODS, resamples=0, tuned_on='main', log=lambda s: None)
+    assert list(got['models']) == ['main', 'main-seed1'] and got['meta']['tuned_on'] == 'main'
+    assert got['models']['main'] == {k: {sid: {x: v for x, v in e.items() if 'intervals' not in x}
+                                         for sid, e in entry.items()} for k, entry in res['models']['main'].items()}
+    for name, entry in res['models']['main'].items():
+        tuned = [sid for sid, e in entry.items() if e['tuned']]
+        assert list(got['models']['main-seed1'][name]) == tuned, name
+    assert got['meta']['results_computed_this_run'] == 4 * (1 + SETS)   # 4 rows: 1 tuning + 3 report sets
+    assert 'at the settings tuned on main' in (tmp_path / 'results.md').read_text()
+    with pytest.raises(UserError, match="--tuned_on: 'x' is not a main model"):
+        run_study(models, *args, only=METHODS, resamples=0, tuned_on='x')
+
+
+@pytest.mark.slow
 def test_rerun_skips_everything(study_run, nets, scorer, monkeypatch):
     """Nothing is recomputed, and the intervals (a fixed bootstrap seed) come out identical."""
     from edm2_jax.study import runner

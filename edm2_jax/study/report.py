@@ -156,6 +156,9 @@ def _legend(results: dict, p: Protocol) -> list[str]:
     else:
         lines += ['Mean ± std over the report sets. ΔFD vs none: the paired difference (method − none) on '
                   'each report set, which share their seeds: mean, then the per-set values.', '']
+    if results['meta'].get('tuned_on'):
+        lines += [f'Settings: every model other than {results["meta"]["tuned_on"]} is run at the settings tuned '
+                  f'on {results["meta"]["tuned_on"]} (its own grids are not run; "tune FD" is its score there).', '']
     lines += ['KID ×10³: the unbiased kernel distance (MMD², cubic kernel) of the evaluator features to '
               'the reference features, both standardized by the reference statistics, times 1000. "edge: w↑" marks a tuned point at the end of its grid '
               '(here the largest w), where the optimum may lie beyond the grid.', '']

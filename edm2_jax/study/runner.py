@@ -7,6 +7,7 @@ resumes where it stopped. `plan` counts the work in advance (--dry_run).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -131,14 +132,17 @@ def add_paired_differences(methods: dict) -> None:
 # ---------------------------------------------------------------------------------------------------
 # The study.
 
-def run_model(runner: Runner, model: str, net, ctx: grids.Context, only=None) -> dict:
-    """Tunes and reports every method for one main network; returns method → its entry."""
+def run_model(runner: Runner, model: str, net, ctx: grids.Context, only=None, fixed: dict | None = None) -> dict:
+    """Tunes and reports every method for one main network; returns method → its entry. fixed: method
+    → a setting tuned elsewhere (`tuned_settings`), which replaces that method's grid."""
     wanted = lambda name: only is None or name in only  # noqa: E731
     methods = [m for m in grids.all_methods(ctx, runner.p.quick)
                if wanted(m.name) or (m.name == 'insitu' and wanted(grids.SCHEDULE))]
     entries, tuned = {}, {}
 
     def tune(m):
+        if fixed and m.name in fixed:
+            m = dataclasses.replace(m, grid=(fixed[m.name],))
         results = [runner.result(model, net, ctx, m, s, 'tune') for s in m.grid]
         tuned[m.name] = (m, m.grid[tuned_index(results)])
         entries[m.name] = results
@@ -148,7 +152,8 @@ def run_model(runner: Runner, model: str, net, ctx: grids.Context, only=None) ->
         tune(grids.schedule_method(tuned['insitu'][1], quick=runner.p.quick))
     guided = [n for n in entries if n != 'none' and n not in grids.RULE_ROWS]
     if guided and wanted(APG):
-        best = min(guided, key=lambda n: min(_fd(r) for r in entries[n]))
+        given = [n for n in guided if fixed and f'apg-{n}' in fixed]    # the base chosen where it was tuned
+        best = given[0] if given else min(guided, key=lambda n: min(_fd(r) for r in entries[n]))
         tune(grids.apg_method(*tuned[best], quick=runner.p.quick))
     out = {}
     unguided = grids.flops_per_image({'method': 'none'}, net, runner.p.num_steps)
@@ -168,6 +173,11 @@ def run_model(runner: Runner, model: str, net, ctx: grids.Context, only=None) ->
             out[name][r['setting_id']] = e
     add_paired_differences(out)
     return out
+
+
+def tuned_settings(model_entry: dict) -> dict:
+    """method → its tuned setting, from one model's entries (`run_model`)."""
+    return {name: tuned_entry(entry)[1]['setting'] for name, entry in model_entry.items()}
 
 
 def plan(models: dict, ctx_of: Callable, p: Protocol, only=None) -> list[dict]:
@@ -207,16 +217,26 @@ def check_methods(models: dict, ctx_of: Callable, only, quick: bool) -> None:
                             fix=f'known: {sorted(known)}')
 
 
+def check_tuned_on(models, tuned_on: str | None) -> None:
+    if tuned_on is not None and tuned_on not in models:
+        raise UserError(f'{tuned_on!r} is not a main model', where='--tuned_on', fix=f'one of {sorted(models)}')
+
+
 def run_study(models: dict, ctx_of: Callable, score: Callable, out, protocol: Protocol, *,
               only=None, reference: Callable | None = None, feature_refs: Callable | None = None,
-              resamples: int = RESAMPLES, evaluator: dict | None = None, log: Callable = print) -> dict:
+              resamples: int = RESAMPLES, evaluator: dict | None = None, tuned_on: str | None = None,
+              log: Callable = print) -> dict:
     """models: name → Network; ctx_of(name, net) → grids.Context; score(uint8 images [N,R,R,C],
     requested labels | None) → protocol.Scored (metrics, features); reference(R) → per report set
     (uint8 images at R, labels) of real images, or None for no floor row; feature_refs(R) → what
     score compares features with at R (.mu, .sigma: FD; .features: KID, precision, recall), for
     bootstrap intervals over `resamples` resamples (0: none); evaluator: what to record
-    about the scorer. Writes every output under `out` and returns the results dict."""
+    about the scorer; tuned_on: a model whose tuned settings every other model uses instead of
+    tuning its own grids (run first). Writes every output under `out` and returns the results dict."""
     check_protocol(protocol)
+    check_tuned_on(models, tuned_on)
+    if tuned_on is not None:
+        models = {tuned_on: models[tuned_on], **models}
     check_methods(models, ctx_of, only, protocol.quick)
     if resamples < 0 or resamples == 1:
         raise UserError(f'need 0 (no intervals) or at least 2 resamples, got {resamples}', where='--resamples')
@@ -224,7 +244,7 @@ def run_study(models: dict, ctx_of: Callable, score: Callable, out, protocol: Pr
     runner = Runner(out, protocol, score, log)
     results = dict(meta=dict(protocol=protocol._asdict(), report_seed_base=REPORT_BASE,
                              label_rule='seed mod label_dim', std='ddof=1 over report sets',
-                             evaluator=evaluator, skipped={}), models={}, data={})
+                             evaluator=evaluator, skipped={}, tuned_on=tuned_on), models={}, data={})
     intervals = feature_refs is not None and resamples > 0
     if intervals:
         results['meta']['bootstrap'] = dict(
@@ -237,7 +257,8 @@ def run_study(models: dict, ctx_of: Callable, score: Callable, out, protocol: Pr
             rows = [runner.reference(r, k, *sets) for k, sets in zip(protocol.report_names, reference(r))]
             results['data'][name] = report_summary(rows)
         ctx = ctx_of(name, net)
-        results['models'][name] = run_model(runner, name, net, ctx, only)
+        fixed = None if tuned_on in (None, name) else tuned_settings(results['models'][tuned_on])
+        results['models'][name] = run_model(runner, name, net, ctx, only, fixed)
         results['meta']['skipped'][name] = grids.skipped_methods(ctx)
         if intervals:
             start = time.perf_counter()
