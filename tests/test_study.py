@@ -402,8 +402,8 @@ def fd_of_rows(rows, mu, sigma):
 def test_intervals_are_the_stratified_paired_bootstrap_and_reproducible():
     """add_intervals against the bootstrap written out: per resample, each set's rows drawn with
     replacement within the set (rng.integers in set order), FD of the repeated rows, mean over the
-    sets; value ∓ 1.96 standard deviations of the resamples; Δ vs none on the same draws,
-    percentiles. A result without features gets
+    sets; value ∓ 1.96 standard deviations of the resamples; Δ vs none and vs autoguidance on the
+    same draws, percentiles. A result without features gets
     no interval, one of other set sizes no paired one; the same seed gives the same intervals, another
     seed others."""
     from edm2_jax.metrics import bootstrap as B
@@ -414,10 +414,12 @@ def test_intervals_are_the_stratified_paired_bootstrap_and_reproducible():
     mu, sigma = real.mean(0) + 0.3, np.cov(real, rowvar=False) * 1.5
     feats = {'none': [rng.standard_normal((n, d)) for n in sizes]}
     feats['x'] = [f + 0.2 * rng.standard_normal(f.shape) - 0.1 for f in feats['none']]
+    feats['autoguidance'] = [0.8 * f + 0.1 for f in feats['none']]
     short = [f[:8] for f in feats['x']]                      # other seeds than none's: not paired
 
     def methods():
-        return {name: {'w=1': {'tuned': False}, 'w=2': {'tuned': True}} for name in ('none', 'x', 'old', 'short')}
+        return {name: {'w=1': {'tuned': False}, 'w=2': {'tuned': True}}
+                for name in ('none', 'x', 'autoguidance', 'old', 'short')}
 
     def intervals(seed):
         out = methods()
@@ -439,6 +441,11 @@ def test_intervals_are_the_stratified_paired_bootstrap_and_reproducible():
     delta = got['x']['w=2']['vs_none_intervals']['fd_fmnist']
     assert [delta['low'], delta['high']] == pytest.approx(
         np.percentile(np.subtract(reps['x'], reps['none']), [2.5, 97.5]), rel=1e-9, abs=1e-12)
+    versus = got['x']['w=2']['vs_autoguidance_intervals']['fd_fmnist']       # paired with another row
+    assert [versus['low'], versus['high']] == pytest.approx(
+        np.percentile(np.subtract(reps['x'], reps['autoguidance']), [2.5, 97.5]), rel=1e-9, abs=1e-12)
+    row = next(r for r in report.paired_markdown(got) if r.startswith('| x |'))
+    assert row.split(' | ')[1] == f"{versus['value']:+.2f} [{versus['low']:+.2f}, {versus['high']:+.2f}]"
     assert 'intervals' not in got['old']['w=2'] and 'intervals' not in got['x']['w=1']
     assert 'intervals' in got['short']['w=2'] and 'vs_none_intervals' not in got['short']['w=2']
     assert intervals(7) == got and intervals(8) != got

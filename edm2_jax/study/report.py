@@ -24,6 +24,7 @@ DATA_ROW = 'real images (train split)'
 BOOTSTRAPPED = {'fd_fmnist': 'fd', 'kid': 'kid', 'precision': 'precision', 'recall': 'recall'}
 BOOTSTRAP_SEED = 0
 RESAMPLES = 200      # the report's cost, see add_intervals
+PAIRED = ('none', 'insitu', 'autoguidance')   # rows every method is compared with on the same resamples
 
 
 def tuned_entry(method_entry: dict) -> tuple[str, dict]:
@@ -71,9 +72,9 @@ def add_intervals(methods: dict, features_of: Callable, reference: Callable[[], 
     interval (value ∓ 1.96 bootstrap standard errors: FD's resamples sit above its value by its
     small-sample bias, so a percentile interval can miss the value), the rows resampled within each
     set (`bootstrap.mean_over_strata`). Every method draws the same resamples (one seed, the same set
-    sizes), and row i of a set is seed i's image for every method, so `vs_none_intervals` (method −
-    none on the same resamples, whose biases nearly cancel: a percentile interval) is the paired
-    difference.
+    sizes), and row i of a set is seed i's image for every method, so `vs_<base>_intervals` (method −
+    base on the same resamples, whose biases nearly cancel: a percentile interval; base in PAIRED)
+    is the paired difference.
     reference() → the prepared reference set (called once, only if some features exist).
 
     Cost, measured on random 128-d features, 3 sets × 2,000 rows, 200 resamples, on the shared
@@ -93,12 +94,11 @@ def add_intervals(methods: dict, features_of: Callable, reference: Callable[[], 
         values[name] = {m: f(np.ones(sum(sizes[name]), np.int64)) for m, f in stats.items()}
         reps[name] = B.replicates(stats, sizes[name], num_resamples, seed)
         e['intervals'] = {m: _interval(values[name][m], reps[name][m], normal=True) for m in stats}
-    if 'none' not in reps:
-        return
-    for name in [n for n in reps if sizes[n] == sizes['none']]:   # the same draws only for the same sizes
-        tuned_entry(methods[name])[1]['vs_none_intervals'] = {
-            m: _interval(values[name][m] - values['none'][m], reps[name][m] - reps['none'][m])
-            for m in BOOTSTRAPPED}
+    for base in [b for b in PAIRED if b in reps]:
+        for name in [n for n in reps if sizes[n] == sizes[base]]:   # the same draws only for the same sizes
+            tuned_entry(methods[name])[1][f'vs_{base}_intervals'] = {
+                m: _interval(values[name][m] - values[base][m], reps[name][m] - reps[base][m])
+                for m in BOOTSTRAPPED}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -184,11 +184,32 @@ def results_markdown(results: dict, protocol: Protocol) -> str:
                          f'{_cell(e, "kid", 2, 1e3)} | {_cell(e, "precision", 3)} | {_cell(e, "recall", 3)} | '
                          f'{_cell(e, "class_accuracy", 3)} | {e["nfe_per_image"]:g} | {_flops(e)} | '
                          f'{e["tune"]["fd_fmnist"]:.2f} |')
+        lines += paired_markdown(methods)
         skipped = results['meta']['skipped'].get(model) or {}
         if skipped:
             lines += ['', 'Skipped: ' + '; '.join(f'{k} ({v})' for k, v in skipped.items()) + '.']
         lines.append('')
     return '\n'.join(lines + seeds_markdown(results))
+
+
+def paired_markdown(methods: dict) -> list[str]:
+    """Each method against in-situ and autoguidance, paired (PAIRED; where their features exist): the
+    differences in FD, KID and recall with percentile 95 % intervals."""
+    bases = [b for b in PAIRED[1:] if any(f'vs_{b}_intervals' in tuned_entry(m)[1] for m in methods.values())]
+    if not bases:
+        return []
+    cols = [(b, m, label) for b in bases for m, label in (('fd_fmnist', 'ΔFD'), ('kid', 'ΔKID ×10³'),
+                                                           ('recall', 'Δrecall'))]
+    lines = ['', 'Paired against ' + ' and '.join(bases) + ' (method − that row on the same resamples, '
+             'percentile 95 % intervals):', '',
+             '| method | ' + ' | '.join(f'{label} vs {b}' for b, _, label in cols) + ' |', '|---' * (1 + len(cols)) + '|']
+    digits = {'fd_fmnist': (2, 1.0), 'kid': (2, 1e3), 'recall': (3, 1.0)}
+    for name, entry in methods.items():
+        e = tuned_entry(entry)[1]
+        cells = ['–' if m not in e.get(f'vs_{b}_intervals', {}) else
+                 _ci(e[f'vs_{b}_intervals'][m], digits[m][0], digits[m][1], sign=True) for b, m, _ in cols]
+        lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+    return lines
 
 
 SEED_SUFFIX = re.compile(r'-seed\d+$')
