@@ -459,9 +459,13 @@ def test_seed_comparison_in_results_md():
     def entry(fd, delta):
         return {'w=1': dict(tuned=True, report={'fd_fmnist': {'mean': fd}}, vs_none={'fd_fmnist': {'mean': delta}})}
     results = {'models': {'fmnist-main': {'none': entry(7.0, 0.0), 'insitu': entry(5.5, -1.5)},
-                          'fmnist-main-seed1': {'none': entry(8.0, 0.0), 'insitu': entry(6.0, -2.0)}}}
+                          'fmnist-main-seed1': {'none': entry(8.0, 0.0), 'insitu': entry(6.0, -2.0)}},
+               'meta': {}}
     md = '\n'.join(report.seeds_markdown(results))
     assert '| insitu | w=1; w=1 | 5.50, 6.00 | 5.75 | -1.50, -2.00 | -1.75 |' in md
+    assert 'Each method tuned and reported' in md
+    results['meta']['tuned_on'] = 'fmnist-main'
+    assert 'Each method at the settings tuned on fmnist-main and reported' in '\n'.join(report.seeds_markdown(results))
 
 
 def test_history_guide_is_the_runs_early_snapshot(tmp_path):

@@ -229,8 +229,10 @@ def seeds_markdown(results: dict) -> list[str]:
     lines = []
     for base, names in seed_groups(results['models']).items():
         models = [results['models'][n] for n in names]
+        how = ('at the settings tuned on ' + results['meta']['tuned_on'] if results['meta'].get('tuned_on')
+               else 'tuned')
         lines += [f'### {base} across training seeds ({", ".join(names)})', '',
-                  'Each method tuned and reported on every seed\'s model as above; "mean": the plain mean '
+                  f'Each method {how} and reported on every seed\'s model as above; "mean": the plain mean '
                   'over the seeds\' rows.', '',
                   '| method | tuned settings | FD-FMNIST per seed | mean FD | ΔFD vs none per seed | mean ΔFD |',
                   '|' + '---|' * 6]
