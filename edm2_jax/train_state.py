@@ -76,6 +76,34 @@ def check_finite(state: EDM2State) -> None:
                                  '(lower --lr); nothing was saved, earlier states and snapshots are kept')
 
 
+def has_snapshots(run_dir) -> bool:
+    return (Path(run_dir) / SNAPSHOT_DIR).is_dir()
+
+
+def history_snapshot_time(times, fraction: float) -> int:
+    """The latest snapshot time at or before fraction × the last one (the first if none is)."""
+    times = sorted(times)
+    return max([t for t in times if t <= fraction * times[-1]], default=times[0])
+
+
+def export_history(run_dir, fraction: float, sigma_rel: float, log=print) -> Path | None:
+    """<run>/history-<t>-<σ_rel>/, the run's own network as a guide: the post-hoc EMA σ_rel at the
+    snapshot time t of `history_snapshot_time`, exported once (atomically; a concurrent export of
+    the same guide is kept). None when run_dir holds no snapshots."""
+    run = Path(run_dir)
+    if not has_snapshots(run):
+        return None
+    t = history_snapshot_time({s.t for s in list_snapshots(run)}, fraction)
+    dst = run / f'history-{t:012d}-{sigma_rel:.3f}'
+    if not dst.exists():
+        log(f'exporting the history guide {dst} (σ_rel {sigma_rel:.3f} at {t} images)')
+        try:
+            export_posthoc(run, {sigma_rel: dst}, t=t)
+        except FileExistsError:
+            pass
+    return dst
+
+
 def save_state(run_dir, state: EDM2State, extra: dict | None = None, *, keep: int = 2) -> Path:
     """Writes `state` (+ JSON-able `extra`) to run_dir/state-<step>/ atomically; keeps the newest `keep`.
     A state with non-finite values is refused (FloatingPointError) before anything is written."""

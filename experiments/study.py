@@ -20,8 +20,9 @@ Protocol (`edm2_jax.study.protocol`), the same for every method: Heun with --num
 requested label = seed mod 10 (balanced). Each setting of a method's grid is scored on the tuning
 seeds 0 … tune_n − 1; the setting with the lowest FD-FMNIST is the tuned point, which is then scored
 on --report_sets disjoint seed sets of report_n images (seeds 10⁶·k + i, k = 1, 2, …) and reported
-as the mean over the sets with percentile bootstrap 95 % intervals (--resamples; rows resampled
-within each set, the same resamples for every method, so the difference to no guidance is paired).
+as the mean over the sets with normal bootstrap 95 % intervals (--resamples; rows resampled within
+each set, the same resamples for every method, so the differences to no guidance, in-situ and
+autoguidance are paired, with percentile intervals).
 The in-situ σ-schedules move in-situ's tuned (w, p) across σ, and APG runs last, on the guided
 method with the lowest tuning FD. Metrics come from the Fashion-MNIST evaluator
 (`edm2_jax.metrics.fmnist`: FD-FMNIST, KID, precision, recall, class accuracy); a row of real
@@ -148,7 +149,7 @@ def planned_networks(f):
     """(main name → network, guide, uncond, main name → history guide) for --dry_run: the plan needs
     only configurations, so a network not trained yet stands in as its train preset's configuration
     (no weights read), and so does the history guide it will be built from."""
-    from edm2_jax import Network, checkpoint
+    from edm2_jax import Network, checkpoint, train_state
     from edm2_jax.train_presets import TRAIN_PRESETS
 
     def network(preset, path):
@@ -167,7 +168,7 @@ def planned_networks(f):
     mains = {name: network(name, d) for name, d in dirs.items()}
     histories = _named(f.history or [])
     planned = {name: network(name, histories[name]) if name in histories else mains[name]
-               for name, d in dirs.items() if name in histories or d is None or _has_snapshots(d.parent)}
+               for name, d in dirs.items() if name in histories or d is None or train_state.has_snapshots(d.parent)}
     guide = network(STUDY_NETWORKS['guide'], Path(f.guide) if f.guide else found(STUDY_NETWORKS['guide']))
     uncond = network(STUDY_NETWORKS['uncond'], Path(f.uncond) if f.uncond else found(STUDY_NETWORKS['uncond']))
     return mains, guide, uncond, planned
@@ -200,11 +201,6 @@ def resolve_networks(f) -> tuple[dict[str, Path], Path | None, Path | None]:
 # ---------------------------------------------------------------------------------------------------
 # The history guide: the main network's own run at an early snapshot or a shorter EMA.
 
-def _has_snapshots(run: Path) -> bool:
-    from edm2_jax.train_state import SNAPSHOT_DIR
-    return (run / SNAPSHOT_DIR).is_dir()
-
-
 def check_history_flags(f, mains) -> dict[str, Path]:
     """The --history directories by main name, after checking every history flag."""
     from edm2_jax.ema import sigma_rel_to_gamma
@@ -219,31 +215,6 @@ def check_history_flags(f, mains) -> dict[str, Path]:
         raise UserError(f'names {sorted(set(given) - set(mains))} are not main models', where='--history',
                         fix=f'main models: {sorted(mains)}')
     return given
-
-
-def history_snapshot_time(times, fraction: float) -> int:
-    """The latest snapshot time at or before fraction × the last one (the first if none is)."""
-    times = sorted(times)
-    return max([t for t in times if t <= fraction * times[-1]], default=times[0])
-
-
-def history_guide(main_dir: Path, fraction: float, sigma_rel: float, log: Callable = print) -> Path | None:
-    """<run>/history-<t>-<σ_rel>/: the post-hoc EMA σ_rel at the snapshot time t of
-    `history_snapshot_time` of the run holding main_dir (its parent, with snapshots/), exported once
-    (atomically; a concurrent export of the same guide is kept). None when main_dir is in no run."""
-    from edm2_jax import train_state
-    run = Path(main_dir).parent
-    if not _has_snapshots(run):
-        return None
-    t = history_snapshot_time({s.t for s in train_state.list_snapshots(run)}, fraction)
-    dst = run / f'history-{t:012d}-{sigma_rel:.3f}'
-    if not dst.exists():
-        log(f'exporting the history guide {dst} (σ_rel {sigma_rel:.3f} at {t} images)')
-        try:
-            train_state.export_posthoc(run, {sigma_rel: dst}, t=t)
-        except FileExistsError:
-            pass
-    return dst
 
 
 def fmnist_scorer(evaluator_cache, pr_refs: int = 0, log: Callable = print) -> Callable:
@@ -296,7 +267,7 @@ def main(argv):
     if not FLAGS.out or not FLAGS.evaluator_cache:
         raise UserError('--out and --evaluator_cache are required')
     protocol = protocol_from_flags(FLAGS)
-    from edm2_jax import checkpoint
+    from edm2_jax import checkpoint, train_state
     if FLAGS.dry_run:
         models, guide, uncond, histories = planned_networks(FLAGS)
         check_history_flags(FLAGS, models)
@@ -307,7 +278,8 @@ def main(argv):
         guide = None if guide_dir is None else checkpoint.load(guide_dir)
         uncond = None if uncond_dir is None else checkpoint.load(uncond_dir)
         wanted = FLAGS.methods is None or 'history' in FLAGS.methods     # else no export is needed
-        history_dirs = {name: given.get(name) or history_guide(d, FLAGS.history_time, FLAGS.history_std)
+        history_dirs = {name: given.get(name) or train_state.export_history(d.parent, FLAGS.history_time,
+                                                                               FLAGS.history_std)
                         for name, d in mains.items() if wanted}
         histories = {name: checkpoint.load(d) for name, d in history_dirs.items() if d is not None}
     ctx_of = lambda name, net: Context(net.config, guide, uncond, histories.get(name))  # noqa: E731

@@ -477,9 +477,8 @@ def test_history_guide_is_the_runs_early_snapshot(tmp_path):
     from edm2_jax.config import EDM2Config
     from edm2_jax.ema import PowerEMA
     from edm2_jax.training import EDM2State, TrainConfig
-    from experiments import study
-    assert study.history_snapshot_time([64, 16, 32, 48], 0.25) == 16
-    assert study.history_snapshot_time([16, 32, 64], 0.1) == 16 and study.history_snapshot_time([16, 64], 1) == 64
+    assert train_state.history_snapshot_time([64, 16, 32, 48], 0.25) == 16
+    assert train_state.history_snapshot_time([16, 32, 64], 0.1) == 16 and train_state.history_snapshot_time([16, 64], 1) == 64
     net, stds = EDM2Config(**CONFIG), (0.05, 0.10)
     cfg = TrainConfig(net, batch_size=8, duration=64, ema_sigma_rels=stds)
     params = {(t, s): jax.tree.map(np.asarray, random_network(net, t + k).variables)
@@ -489,12 +488,12 @@ def test_history_guide_is_the_runs_early_snapshot(tmp_path):
         base = params[(t, stds[0])]
         train_state.save_snapshot(run, EDM2State(cfg, jnp.int32(t // 8), base['params'], base['buffers'], None,
                                                  PowerEMA(stds, tuple(params[(t, s)]['params'] for s in stds))))
-    guide = study.history_guide(run / 'network-0.100', 0.25, 0.10, log=lambda s: None)
+    guide = train_state.export_history(run, 0.25, 0.10, log=lambda s: None)
     assert guide == run / 'history-000000000016-0.100'
     for a, b in zip(jax.tree.leaves(checkpoint.load(guide).variables['params']),
                     jax.tree.leaves(params[(16, 0.10)]['params'])):
         np.testing.assert_allclose(np.asarray(a), b, rtol=0, atol=1e-5)
     stamp = (guide / 'config.json').stat().st_mtime_ns
-    assert study.history_guide(run / 'network-0.100', 0.25, 0.10, log=None) == guide
+    assert train_state.export_history(run, 0.25, 0.10, log=None) == guide
     assert (guide / 'config.json').stat().st_mtime_ns == stamp
-    assert study.history_guide(tmp_path / 'elsewhere' / 'network-0.100', 0.25, 0.10) is None
+    assert train_state.export_history(tmp_path / 'elsewhere', 0.25, 0.10) is None

@@ -249,7 +249,7 @@ def run_study(models: dict, ctx_of: Callable, score: Callable, out, protocol: Pr
     if intervals:
         results['meta']['bootstrap'] = dict(
             resamples=resamples, seed=BOOTSTRAP_SEED, level=0.95, statistic='mean over the report sets',
-            resampling='rows within each report set; the same resamples for every method (paired vs none)')
+            resampling='rows within each report set; the same resamples for every method (paired)')
     prepared = functools.cache(lambda r: _prepared_reference(feature_refs(r)))
     for name, net in models.items():
         if reference is not None:
